@@ -1,0 +1,69 @@
+"""JobExecution: how one job's graph runs somewhere, and what it reports back.
+
+An execution runs a validated graph for one job and returns an ``Outcome``; it emits the
+job's node messages into the message log on the way. It never writes the job's terminal
+``job_update``: the manager does, exactly once, because only the manager knows whether the
+job ended on its own, was cancelled, timed out, or the server is shutting down.
+
+Must not import the server, apsw or docker (strategies import their own SDKs lazily).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from nodejob.config import Config
+    from nodejob.log import MessageLog
+    from nodejob.protocol import ExecutionStrategy, JobStatus
+    from nodejob.store import JobRecord, Store
+    from nodejob.workflow import Graph
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job's work ended, as its execution saw it."""
+
+    status: JobStatus
+    error: str | None = None
+    outputs: dict[str, Any] | None = None
+
+
+class ExecutionUnavailable(RuntimeError):
+    """The strategy cannot run jobs here (no Docker engine, no Ray cluster): says why."""
+
+
+class JobExecution(ABC):
+    """One job's run under one strategy. Created by the manager once the job has a slot."""
+
+    strategy: ClassVar[ExecutionStrategy]
+    survives_restart: ClassVar[bool] = False
+    """Whether a job of this strategy keeps running when the server stops (invariant 4)."""
+
+    def __init__(
+        self, job: JobRecord, graph: Graph, log: MessageLog, store: Store, config: Config
+    ) -> None:
+        self.job = job
+        self.graph = graph
+        self.log = log
+        self.store = store
+        self.config = config
+
+    @abstractmethod
+    async def run(self) -> Outcome:
+        """Run the job's graph to its end and say how it ended.
+
+        Cancellation: if the caller's scope is cancelled (the server shutting down), an
+        in-process execution stops its work; an out-of-process one stops only following it,
+        leaving the work running for ``resume`` after a restart.
+        """
+
+    @abstractmethod
+    async def request_cancel(self) -> None:
+        """Ask the work to stop; ``run`` then returns once it has verifiably stopped."""
+
+    async def resume(self) -> Outcome:
+        """Follow a job started by an earlier server process to its end (out-of-process only)."""
+        raise ExecutionUnavailable(f"{self.strategy} jobs cannot be re-adopted")
