@@ -1,0 +1,95 @@
+"""``GET /api/jobs/{id}/events``: a job's messages as server-sent events.
+
+Each message is one event, ``id: SEQ`` / ``event: TYPE`` / ``data: JSON``, so a browser's
+EventSource resumes by itself through ``Last-Event-ID``; a gap arrives as ``event: gap`` with
+``id: TO_SEQ``. Replay and live streaming are the same MessageLog cursor as on the WebSocket; the
+stream ends after the terminal job_update, when the client leaves, or when the server shuts
+down. EventSource cannot set headers, so this route also takes ``?token=``. This module must not
+import apsw or any execution backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, cast
+
+import trio
+from pydantic import BaseModel, Field
+from quart import Response, abort, request
+from quart_schema import document_response
+from quart_schema import validate_querystring as query
+
+from nodejob.server.auth import authenticate, bearer_token
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator
+
+    from quart_trio import QuartTrio
+
+    from nodejob.log import Entry
+    from nodejob.server.app import ServerState
+
+_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventsQuery(BaseModel):
+    after_seq: int | None = Field(None, ge=0, description="overridden by Last-Event-ID")
+    token: str | None = Field(None, description="for EventSource, which cannot send headers")
+
+
+class EventStream(BaseModel):
+    """``text/event-stream``: ``id: SEQ``, ``event: TYPE``, ``data: JSON`` per message."""
+
+
+def register(app: QuartTrio, state: ServerState) -> None:
+    """Add the event-stream route to ``app``."""
+    manager = state.manager
+
+    @app.get("/api/jobs/<job_id>/events")
+    @query(EventsQuery)
+    @document_response(EventStream)
+    async def job_events(job_id: str, query_args: EventsQuery) -> Response:
+        """A job's messages as server-sent events: replay, then live, until the job ends."""
+        token = bearer_token(request.headers.get("Authorization"))
+        user = await authenticate(manager.store, token if token is not None else query_args.token)
+        job = await manager.get_job(job_id)
+        if job is None or job.user_id != user.id:
+            abort(404, f"Job not found: {job_id}")
+        after_seq = query_args.after_seq or 0
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None and last_event_id.strip():
+            try:
+                after_seq = int(last_event_id)
+            except ValueError:
+                after_seq = -1
+            if after_seq < 0:
+                abort(422, "Last-Event-ID must be a non-negative integer")
+        response = Response(
+            _events(state, job_id, after_seq), content_type="text/event-stream", headers=_HEADERS
+        )
+        response.timeout = None  # a stream lasts as long as its job, not RESPONSE_TIMEOUT
+        return response
+
+
+async def _events(state: ServerState, job_id: str, after_seq: int) -> AsyncIterator[bytes]:
+    """The encoded events of one job after ``after_seq``, a batch per chunk.
+
+    The cancel scope lives only around each ``anext`` (never across a ``yield``), so shutdown
+    can end a stream that is waiting for the job's next message.
+    """
+    state.stats.sse_streams += 1
+    batches = cast("AsyncGenerator[list[Entry]]", state.manager.log.follow(job_id, after_seq))
+    try:
+        while True:
+            with trio.CancelScope() as scope, state.track(scope):
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                return
+            yield "".join(
+                [f"id: {e.seq}\nevent: {e.type}\ndata: {e.text}\n\n" for e in batch]
+            ).encode()
+    finally:
+        state.stats.sse_streams -= 1
+        await batches.aclose()
