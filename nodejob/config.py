@@ -46,6 +46,13 @@ class Config:
     ray_address: str = "http://127.0.0.1:8265"
     kill_grace_s: float = 5.0
     """Seconds between SIGTERM and SIGKILL when cancelling out-of-process work."""
+    docker_host: str = ""
+    """The Docker engine (NODEJOB_DOCKER_HOST); empty: DOCKER_HOST, else the local socket."""
+    docker_user: str = "65534:65534"
+    """uid:gid that docker workers run as (NODEJOB_DOCKER_USER); never root by default."""
+    worker_env: str = ""
+    """Comma-separated names of server environment variables that out-of-process workers
+    also get (NODEJOB_WORKER_ENV); workers otherwise see only a minimal environment."""
     allowed_origins: tuple[str, ...] = ()
     """Extra WebSocket Origins allowed besides the server's own (NODEJOB_ALLOWED_ORIGINS, comma-separated)."""
 

@@ -34,7 +34,7 @@ from nodejob.protocol import (
 from nodejob.store import Batch, Entry, JobRecord, Store, StoreError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class MessageLog:
 
     def _status_change(self, state: _JobState, message: dict[str, Any], batch: Batch) -> None:
         try:
-            status = JobStatus(message.get("status"))
+            status = JobStatus(str(message.get("status")))
         except ValueError:
             raise ProtocolError(
                 f"job_update with unknown status: {message.get('status')}"
@@ -256,7 +256,9 @@ class MessageLog:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def follow(self, job_id: str, after_seq: int = 0) -> AsyncIterator[list[Entry]]:
+    async def follow(
+        self, job_id: str, after_seq: int = 0
+    ) -> AsyncGenerator[list[Entry], None]:
         """Yield batches of the job's committed messages with seq > ``after_seq``, then live.
 
         Ends after the terminal job_update (at once for a reader already past it). If the
@@ -296,8 +298,12 @@ class MessageLog:
         end = min(state.committed - first + 1, start + READ_BATCH)
         return tail[start:end]
 
-    async def _read_db(self, job_id: str, cursor: int, upto: int) -> list[Entry]:
-        rows = await self._store.read_messages(job_id, cursor, min(READ_BATCH, upto - cursor))
+    async def _read_db(
+        self, job_id: str, cursor: int, upto: int, limit: int = READ_BATCH
+    ) -> list[Entry]:
+        """Up to ``limit`` stored entries after ``cursor`` (none past ``upto``), a gap first
+        if the ring no longer holds ``cursor + 1``."""
+        rows = await self._store.read_messages(job_id, cursor, min(limit, upto - cursor))
         rows = [row for row in rows if row.seq <= upto]
         first = rows[0].seq if rows else upto + 1
         if first > cursor + 1:
@@ -315,13 +321,8 @@ class MessageLog:
             last = job.last_seq if job is not None else 0
         if after_seq >= last or limit < 1:
             return [], False
-        entries: list[Entry] = []
-        cursor = after_seq
-        while cursor < last and len(entries) < limit:
-            step = await self._read_db(job_id, cursor, min(last, cursor + limit - len(entries)))
-            entries += step
-            cursor = step[-1].seq
-        return entries, cursor < last
+        entries = await self._read_db(job_id, after_seq, last, limit)
+        return entries, entries[-1].seq < last
 
     def stats(self) -> dict[str, float]:
         return {

@@ -213,7 +213,7 @@ class Store:
 
     def _migrate(self) -> None:
         try:
-            version = self._writer.execute("PRAGMA user_version").fetchall()[0][0]
+            version = int(self._writer.execute("PRAGMA user_version").fetchall()[0][0] or 0)
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: database schema version {version} is newer than this "
@@ -345,9 +345,9 @@ class Store:
         rows = self._inline.execute(
             "SELECT id, name, token_hash FROM users WHERE token_hash = ?", (digest,)
         ).fetchall()
-        if not rows or not hmac.compare_digest(rows[0][2], digest):
+        if not rows or not hmac.compare_digest(str(rows[0][2]), digest):
             return None
-        return User(id=rows[0][0], name=rows[0][1])
+        return User(id=str(rows[0][0]), name=str(rows[0][1]))
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         return self.get_job_sync(job_id)

@@ -162,6 +162,20 @@ async def test_read_page(nursery, store):
     assert not more
 
 
+async def test_read_page_behind_the_ring_starts_with_one_gap(nursery, store):
+    log = await open_log(nursery, store, ring_size=50)
+    log.create(new_job())
+    for i in range(200):
+        log.append("job1", log_line(i))
+    with trio.fail_after(10):
+        await log.wait_committed("job1", 201)
+    page, more = await log.read_page("job1", 0, 5)
+    assert [(e.type, e.seq) for e in page] == [("gap", 151)] + [
+        ("log_update", s) for s in range(152, 157)
+    ]
+    assert more
+
+
 async def test_ingest_is_idempotent_by_seq(nursery, store):
     log = await open_log(nursery, store)
     log.create(new_job())

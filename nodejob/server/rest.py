@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, Field
-from quart import Response, abort, request
+from quart import Response, abort, g, request
 from quart_schema import OpenAPIProvider, document_request, document_response, security_scheme
 from quart_schema import validate_querystring as query
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from nodejob.server.app import ServerState
     from nodejob.store import JobRecord, User
 
+PUBLIC_ENDPOINTS: Final = frozenset({"health", "openapi"})
+QUERY_TOKEN_ENDPOINTS: Final = frozenset({"job_events"})
+"""EventSource cannot send headers: these routes also take ``?token=``."""
 MAX_JOBS_PAGE: Final = 1000
 MAX_MESSAGES_PAGE: Final = 10_000
 
@@ -218,9 +221,23 @@ def register(app: QuartTrio, state: ServerState) -> None:
         [("", manager.stats), ("log_", manager.log.stats), ("", state.stats.snapshot)]
     )
 
-    async def caller() -> tuple[User, str]:
+    @app.before_request
+    async def require_token() -> None:
+        """Authenticate before anything else (query validation included): 401 comes first.
+
+        Unrouted requests (endpoint None) go on to their 404/405 without a token.
+        """
+        endpoint = request.endpoint
+        if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
+            return
         token = bearer_token(request.headers.get("Authorization"))
-        return await authenticate(store, token), token or ""
+        if token is None and endpoint in QUERY_TOKEN_ENDPOINTS:
+            token = request.args.get("token")
+        g.user = await authenticate(store, token)
+        g.token = token or ""
+
+    def caller() -> tuple[User, str]:
+        return g.user, g.token
 
     async def owned_job(user: User, job_id: str) -> JobRecord:
         job = await manager.get_job(job_id)
@@ -237,7 +254,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
 
         When more remain, a ``Link: <URL>; rel="next"`` header gives the next page.
         """
-        user, _ = await caller()
+        user, _ = caller()
         try:
             jobs, next_key = await manager.list_jobs(
                 user.id,
@@ -259,7 +276,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(list[RunningJob])
     async def running_jobs() -> Response:
         """Every unfinished job of yours (``starting`` or ``running``)."""
-        user, _ = await caller()
+        user, _ = caller()
         jobs = await store.unfinished_jobs(user.id)
         return json_response(
             [
@@ -280,7 +297,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(Detail, 404)
     async def get_job(job_id: str) -> Response:
         """One job."""
-        user, _ = await caller()
+        user, _ = caller()
         return json_response((await owned_job(user, job_id)).to_api())
 
     @app.post("/api/jobs/")
@@ -294,7 +311,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
         The identity is the token's; a ``user_id`` in the body is ignored. An invalid graph is
         a 422 naming the node and the problem; an unknown ``workflow_id`` a 404.
         """
-        user, token = await caller()
+        user, token = caller()
         data = await read_json_body()
         try:
             run = RunJobRequest.from_data(data)
@@ -316,7 +333,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(Detail, 409)
     async def cancel_job(job_id: str) -> Response:
         """Cancel a job; 409 if it already finished."""
-        user, _ = await caller()
+        user, _ = caller()
         await owned_job(user, job_id)
         result = await manager.cancel_job(job_id)
         if result is CancelResult.ALREADY_FINISHED:
@@ -330,7 +347,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(MessagePage)
     async def job_messages(job_id: str, query_args: MessagesQuery) -> Response:
         """A page of a job's messages with seq > ``after_seq`` (a gap first if some are gone)."""
-        user, _ = await caller()
+        user, _ = caller()
         await owned_job(user, job_id)
         after_seq = query_args.after_seq
         entries, has_more = await manager.log.read_page(job_id, after_seq, query_args.limit)
@@ -347,7 +364,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(Workflow)
     async def put_workflow(workflow_id: str) -> Response:
         """Save (create or replace) a workflow of yours."""
-        user, _ = await caller()
+        user, _ = caller()
         data = await read_json_body()
         if not isinstance(data, dict):
             abort(422, "body must be an object")
@@ -364,7 +381,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(Detail, 404)
     async def get_workflow(workflow_id: str) -> Response:
         """One saved workflow of yours."""
-        user, _ = await caller()
+        user, _ = caller()
         workflow = await store.get_workflow(user.id, workflow_id)
         if workflow is None:
             abort(404, f"Workflow not found: {workflow_id}")
@@ -374,7 +391,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(list[Workflow])
     async def list_workflows() -> Response:
         """Your saved workflows."""
-        user, _ = await caller()
+        user, _ = caller()
         return json_response(await store.list_workflows(user.id))
 
     @app.get("/health")
@@ -387,7 +404,6 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus metrics (text exposition format)."""
-        await caller()
         return Response(render(registry), content_type=CONTENT_TYPE)
 
 

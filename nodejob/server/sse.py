@@ -10,22 +10,19 @@ import apsw or any execution backend.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
 import trio
 from pydantic import BaseModel, Field
-from quart import Response, abort, request
+from quart import Response, abort, g, request
 from quart_schema import document_response
 from quart_schema import validate_querystring as query
 
-from nodejob.server.auth import authenticate, bearer_token
-
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator
+    from collections.abc import AsyncIterator
 
     from quart_trio import QuartTrio
 
-    from nodejob.log import Entry
     from nodejob.server.app import ServerState
 
 _HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,8 +46,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @document_response(EventStream)
     async def job_events(job_id: str, query_args: EventsQuery) -> Response:
         """A job's messages as server-sent events: replay, then live, until the job ends."""
-        token = bearer_token(request.headers.get("Authorization"))
-        user = await authenticate(manager.store, token if token is not None else query_args.token)
+        user = g.user  # authenticated by rest.require_token, ?token= included
         job = await manager.get_job(job_id)
         if job is None or job.user_id != user.id:
             abort(404, f"Job not found: {job_id}")
@@ -77,7 +73,7 @@ async def _events(state: ServerState, job_id: str, after_seq: int) -> AsyncItera
     can end a stream that is waiting for the job's next message.
     """
     state.stats.sse_streams += 1
-    batches = cast("AsyncGenerator[list[Entry]]", state.manager.log.follow(job_id, after_seq))
+    batches = state.manager.log.follow(job_id, after_seq)
     try:
         while True:
             with trio.CancelScope() as scope, state.track(scope):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from quart import abort, websocket
@@ -39,7 +39,7 @@ from nodejob.server.auth import authenticate, bearer_token, origin_allowed
 from nodejob.workflow import GraphError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     from quart_trio import QuartTrio
 
@@ -277,7 +277,7 @@ class Session:
         try:
             with scope:
                 follow = self.manager.log.follow(job_id, after_seq)
-                async with aclosing(cast("AsyncGenerator[list[Entry]]", follow)) as batches:
+                async with aclosing(follow) as batches:
                     async for batch in batches:
                         await out.send(batch)
         except Exception:
