@@ -256,9 +256,7 @@ class MessageLog:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def follow(
-        self, job_id: str, after_seq: int = 0
-    ) -> AsyncGenerator[list[Entry], None]:
+    async def follow(self, job_id: str, after_seq: int = 0) -> AsyncGenerator[list[Entry], None]:
         """Yield batches of the job's committed messages with seq > ``after_seq``, then live.
 
         Ends after the terminal job_update (at once for a reader already past it). If the

@@ -156,14 +156,16 @@ class JobExecutionManager:
             else:
                 self._finish(live, outcome or Outcome(JobStatus.CANCELLED))
 
-    async def _run(self, live: _LiveJob) -> Outcome:
+    async def _run(self, live: _LiveJob, *, resume: bool = False) -> Outcome:
         timeout = live.job.timeout_seconds
         async with trio.open_nursery() as nursery:
             if timeout is not None:
+                if resume:  # re-adopted: what is left of the time since it started running
+                    timeout = max(0.0, timeout - (time.time() - (live.job.started_at or 0.0)))
                 nursery.start_soon(self._watchdog, live, timeout)
             if live.cancel_requested:
                 await live.execution.request_cancel()
-            outcome = await live.execution.run()
+            outcome = await (live.execution.resume() if resume else live.execution.run())
             nursery.cancel_scope.cancel()
         return outcome
 
@@ -272,7 +274,7 @@ class JobExecutionManager:
         outcome: Outcome | None = None
         try:
             with live.scope:
-                outcome = await live.execution.resume()
+                outcome = await self._run(live, resume=True)
         except Exception as exc:
             logger.exception("job %s: re-adoption failed", live.job.id)
             outcome = Outcome(JobStatus.FAILED, error=f"re-adoption failed: {exc!r}")

@@ -7,10 +7,9 @@ gets a fresh home and database, and tears the server down when it ends.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -19,6 +18,9 @@ import trio
 from nodejob.config import Config
 from nodejob.server.app import serve
 from nodejob.store import Store
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

@@ -18,9 +18,7 @@ async def wait_status(http: Any, job_id: str, *statuses: str) -> dict[str, Any]:
     token = http.headers["Authorization"].removeprefix("Bearer ")
     ws_url = str(http.base_url).rstrip("/").replace("http://", "ws://") + f"/ws?token={token}"
     async with open_websocket_url(ws_url) as ws:
-        await ws.send_message(
-            json.dumps({"command": "reconnect_job", "data": {"job_id": job_id}})
-        )
+        await ws.send_message(json.dumps({"command": "reconnect_job", "data": {"job_id": job_id}}))
         with trio.fail_after(30):
             while True:
                 message = json.loads(await ws.get_message())
@@ -132,9 +130,7 @@ async def test_messages_pagination(server: Server) -> None:
         first = (await http.get(f"/api/jobs/{job['id']}/messages?limit=20")).json()
         assert [m["seq"] for m in first["messages"]] == list(range(1, 21))
         assert (first["last_seq"], first["has_more"]) == (20, True)
-        rest = (
-            await http.get(f"/api/jobs/{job['id']}/messages?after_seq=20&limit=1000")
-        ).json()
+        rest = (await http.get(f"/api/jobs/{job['id']}/messages?after_seq=20&limit=1000")).json()
         assert rest["messages"][-1]["seq"] == done["last_seq"]
         assert rest["has_more"] is False
 
@@ -266,9 +262,7 @@ async def test_other_users_jobs_are_invisible_everywhere(server: Server) -> None
         assert (await theirs.get("/api/jobs/", params={"user_id": own})).json() == []
         assert (await theirs.get("/api/jobs/running/all", params={"user_id": own})).json() == []
         # A user_id in the body does not make the job someone else's either.
-        theirs_job = (
-            await theirs.post("/api/jobs/", json={"graph": {}, "user_id": own})
-        ).json()
+        theirs_job = (await theirs.post("/api/jobs/", json={"graph": {}, "user_id": own})).json()
         assert theirs_job["user_id"] != own
         assert [j["id"] for j in (await mine.get("/api/jobs/")).json()] == [job_id]
         assert (await mine.get(f"/api/jobs/{job_id}")).json()["status"] in (
@@ -281,7 +275,9 @@ async def test_other_users_jobs_are_invisible_everywhere(server: Server) -> None
 async def test_saved_workflows_are_per_user_and_run_by_id(server: Server) -> None:
     other = await server.add_user("mallory")
     async with server.client() as http, server.client(other) as theirs:
-        saved = await http.put("/api/workflows/hello", json={"name": "Hello", "graph": example("hello")})
+        saved = await http.put(
+            "/api/workflows/hello", json={"name": "Hello", "graph": example("hello")}
+        )
         assert saved.status_code in (200, 201)
         assert (await http.get("/api/workflows/hello")).json()["name"] == "Hello"
         assert [w["id"] for w in (await http.get("/api/workflows/")).json()] == ["hello"]

@@ -81,9 +81,7 @@ async def follow_until(url: str, token: str, job_id: str, status: str) -> list[d
     ws_url = url.replace("http://", "ws://") + f"/ws?token={token}"
     seen: list[dict[str, Any]] = []
     async with open_websocket_url(ws_url) as ws:
-        await ws.send_message(
-            json.dumps({"command": "reconnect_job", "data": {"job_id": job_id}})
-        )
+        await ws.send_message(json.dumps({"command": "reconnect_job", "data": {"job_id": job_id}}))
         with trio.fail_after(30):
             while True:
                 message = json.loads(await ws.get_message())

@@ -221,15 +221,7 @@ def test_new_job_from_a_file_with_params_then_rerun(server: ServerProcess, tmp_p
     ("strategy", "outcome"),
     [
         ("threaded", "failed"),  # in-process: ends with its server, the last lines follow
-        pytest.param(  # survives the restart: what it said meanwhile follows
-            "subprocess",
-            "completed",
-            marks=pytest.mark.xfail(
-                reason="posix_spawn'd workers inherit hypercorn's listening socket (hypercorn "
-                "marks it inheritable), so the restarted server cannot bind the same port",
-                strict=True,
-            ),
-        ),
+        ("subprocess", "completed"),  # survives the restart: what it said meanwhile follows
     ],
 )
 def test_reconnect_after_server_restart_resumes_at_the_right_seq(

@@ -1,0 +1,259 @@
+"""``nodejob worker``: run one job's graph out of process and print its messages as JSON lines.
+
+The subprocess and docker executions (and, later, Ray) start this. It reads a request
+(``{"job_id", "first_seq", "graph", "params"}``) from a file or from stdin, runs the graph and
+writes every message to stdout as one JSON line carrying ``job_id`` and ``seq`` (first_seq,
+first_seq + 1, ...). The last line is the terminal ``job_update`` (completed / failed /
+cancelled) — the server turns it into the job's outcome — and the exit status follows it:
+0 completed, 1 failed, 3 cancelled, 2 for a request it cannot read (then nothing is printed).
+SIGTERM (or SIGINT) cancels the graph gracefully: running nodes report ``cancelled``, then the
+terminal ``cancelled`` line.
+
+stdout is the protocol channel and nothing else writes to it: the worker keeps the stream for
+itself and points file descriptor 1 at stderr, so a node's stray ``print`` lands in stderr
+instead of corrupting the stream. Lines are written in batches, whole lines at a time.
+
+``--status-file PATH`` makes the started process a small supervisor: it forks the actual
+worker, ignores SIGTERM/SIGINT/SIGHUP, waits for it and records its exit (``{"pid",
+"returncode"}``, negative for a signal, as in subprocess) in PATH before exiting with the
+same status. That is how a server that restarted — and so is not the worker's parent any
+more — still learns that a worker was, say, killed by the OOM killer.
+
+Imports only the stdlib, nodejob.protocol and nodejob.workflow (which import trio): it starts
+fast and fits in the worker bundle. Never apsw, quart, httpx, docker or the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import stat
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+import trio
+
+from nodejob.protocol import EXIT_BY_STATUS, EXIT_USAGE, JobStatus, MessageType, dumps
+from nodejob.workflow import GraphError, NodeFailed, run_graph, validate_graph
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+HIGH_WATER: Final = 10_000
+"""Lines waiting to be written above which emitting nodes wait (``drain``)."""
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+SUPERVISOR_IGNORES: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class RequestError(ValueError):
+    """The request cannot be read or is malformed; the message says why."""
+
+
+def parse_request(data: bytes | str) -> dict[str, Any]:
+    """Decode and check a worker request; raises RequestError naming the problem."""
+    try:
+        request = json.loads(data)
+    except ValueError as exc:
+        raise RequestError(f"the request is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise RequestError("the request must be a JSON object")
+    job_id, first_seq = request.get("job_id"), request.get("first_seq")
+    if not isinstance(job_id, str) or not job_id:
+        raise RequestError("the request needs a job_id (a string)")
+    if not isinstance(first_seq, int) or isinstance(first_seq, bool) or first_seq < 1:
+        raise RequestError("the request needs a first_seq (an integer >= 1)")
+    if not isinstance(request.get("graph", {}), dict):
+        raise RequestError("graph must be an object")
+    if not isinstance(request.get("params", {}), dict):
+        raise RequestError("params must be an object")
+    return request
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one job as ``nodejob worker`` does.
+
+    Returns the exit status only for a request it refuses (2). Once a request has run it
+    ends the process with ``os._exit`` after flushing its streams: the interpreter's teardown
+    with trio loaded costs 20-60 ms, and the server waits for the worker's exit before it
+    reports the job's end.
+    """
+    parser = argparse.ArgumentParser(prog="nodejob worker", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--request", default="-", metavar="PATH", help="the request file; - for stdin (default)"
+    )
+    parser.add_argument(
+        "--status-file", metavar="PATH", help="supervise: record the worker's exit status here"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.request == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.request, "rb") as file:
+                raw = file.read()
+        if not raw.strip():
+            raise RequestError("no request given (empty input)")
+        request = parse_request(raw)
+    except (OSError, RequestError) as exc:
+        print(f"nodejob worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.status_file is not None:
+        code = _fork_supervised(args.status_file)
+        if code is not None:
+            _exit(code)
+    _exit(run_request(request))
+
+
+def _fork_supervised(status_file: str) -> int | None:
+    """Fork: the parent waits and records the child's exit; the child returns None and works.
+
+    Forked before trio runs, while the process has one thread.
+    """
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in SUPERVISOR_IGNORES}
+    pid = os.fork()
+    if pid == 0:
+        for signum in SUPERVISOR_IGNORES:
+            signal.signal(signum, previous[signum])
+        return None
+    sys.stdin.close()
+    _, status = os.waitpid(pid, 0)
+    returncode = os.waitstatus_to_exitcode(status)
+    temp = f"{status_file}.tmp"
+    with open(temp, "w", encoding="utf-8") as file:
+        json.dump({"pid": pid, "returncode": returncode}, file)
+    os.replace(temp, status_file)
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def _exit(code: int) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_request(request: dict[str, Any]) -> int:
+    """Run a checked request (see parse_request), writing its stream to stdout; exit status."""
+    out = os.dup(sys.stdout.fileno())  # the protocol stream; not inherited by node processes
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    writer = LineWriter(out, request["job_id"], request["first_seq"])
+    try:
+        terminal = trio.run(_run, request, writer)
+    finally:
+        for signum in STOP_SIGNALS:  # the graph has ended: nothing may cut off the last line
+            signal.signal(signum, signal.SIG_IGN)
+        writer.flush_now()
+    writer.write_line(terminal)
+    os.close(out)
+    return EXIT_BY_STATUS[JobStatus(terminal["status"])]
+
+
+async def _run(request: dict[str, Any], writer: LineWriter) -> dict[str, Any]:
+    terminal: dict[str, Any] = {"type": MessageType.JOB_UPDATE.value}
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            work = trio.CancelScope()
+            nursery.start_soon(_cancel_on_signal, signals, work)
+            with work:
+                try:
+                    graph = validate_graph(request.get("graph") or {})
+                    outputs = await run_graph(graph, request.get("params") or {}, writer)
+                except (NodeFailed, GraphError) as exc:
+                    terminal.update(status=JobStatus.FAILED.value, error=str(exc))
+                except Exception as exc:
+                    traceback.print_exc()
+                    terminal.update(
+                        status=JobStatus.FAILED.value,
+                        error=f"internal error in the worker: {exc!r}",
+                    )
+                else:
+                    terminal.update(status=JobStatus.COMPLETED.value, result={"outputs": outputs})
+            if "status" not in terminal:
+                terminal["status"] = JobStatus.CANCELLED.value
+            nursery.cancel_scope.cancel()  # the caller writes what is still queued
+    return terminal
+
+
+async def _cancel_on_signal(signals: Any, work: trio.CancelScope) -> None:
+    async for _ in signals:
+        work.cancel()
+
+
+class LineWriter:
+    """The worker's Emitter: numbers messages and writes them to ``fd`` as JSON lines.
+
+    ``emit`` encodes at once (so a value that is not JSON fails in the node that sent it) and
+    queues the line; the ``run`` task writes whatever is queued in one go, so a burst of
+    messages costs one write. A pipe (docker's stdout) is written through a thread, so a slow
+    reader blocks the writes and, past HIGH_WATER, the emitting nodes, never the event loop.
+    """
+
+    def __init__(self, fd: int, job_id: str, first_seq: int) -> None:
+        self._fd = fd
+        self._job_id = job_id
+        self._seq = first_seq
+        self._pending: list[str] = []
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._is_file = stat.S_ISREG(os.fstat(fd).st_mode)
+
+    def emit(self, message: dict[str, Any]) -> None:
+        self._pending.append(self._encode(message))
+        self._wakeup.set()
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _encode(self, message: dict[str, Any]) -> str:
+        full = {"type": message["type"], "job_id": self._job_id, "seq": self._seq}
+        full.update(message)
+        full["job_id"], full["seq"] = self._job_id, self._seq  # a node cannot override them
+        self._seq += 1
+        return dumps(full) + "\n"
+
+    async def drain(self) -> None:
+        while len(self._pending) > HIGH_WATER:
+            await self._idle.wait()
+
+    async def run(self) -> None:
+        """Write queued lines until cancelled (then ``flush_now`` writes the rest)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._pending:
+                count = len(self._pending)
+                data = "".join(self._pending[:count]).encode()
+                if self._is_file:
+                    _write_all(self._fd, data)
+                else:
+                    # A cancel can strike before the thread starts: forget the lines only
+                    # once they are written, so that flush_now writes them otherwise.
+                    await trio.to_thread.run_sync(_write_all, self._fd, data)
+                del self._pending[:count]
+            self._idle.set()
+
+    def flush_now(self) -> None:
+        if self._pending:
+            data = "".join(self._pending).encode()
+            self._pending.clear()
+            _write_all(self._fd, data)
+
+    def write_line(self, message: dict[str, Any]) -> None:
+        """Write ``message`` with the next seq at once, after anything queued (the last line)."""
+        self._pending.append(self._encode(message))
+        self.flush_now()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
