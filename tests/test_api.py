@@ -104,9 +104,7 @@ async def test_post_job_runs_and_lists(server: Server) -> None:
 
 async def test_list_pagination_with_link_header(server: Server) -> None:
     async with server.client() as http:
-        ids = []
-        for _ in range(5):
-            ids.append((await http.post("/api/jobs/", json={"graph": {}})).json()["id"])
+        ids = [(await http.post("/api/jobs/", json={"graph": {}})).json()["id"] for _ in range(5)]
         seen: list[str] = []
         url: str | None = "/api/jobs/?limit=2"
         while url:
