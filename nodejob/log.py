@@ -18,6 +18,7 @@ Must not import apsw (the store does the SQL) or anything of the server.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -31,20 +32,25 @@ from nodejob.protocol import (
     dumps,
     gap_message,
 )
-from nodejob.store import Batch, Entry, JobRecord, Store, StoreError
+from nodejob.store import Batch, Entry, JobRecord, Store, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
 logger = logging.getLogger(__name__)
 
-TAIL_MAX: Final = 2048
-"""Messages per job kept in memory for fast live reads (older ones are read from SQLite)."""
+TAIL_MAX: Final = 512
+"""Messages per job kept in memory for fast live reads (older ones are read from SQLite).
+Small on purpose: it is paid per running job, and ten thousand jobs must stay in tens of MB."""
 READ_BATCH: Final = 2000
 """Messages a reader takes per step, from memory or from one query."""
 HIGH_WATER: Final = 50_000
 """Queued, uncommitted messages above which ``drain`` makes producers wait for the writer."""
 RETRY_MAX_S: Final = 2.0
+SHUTDOWN_FLUSH_S: Final = 10.0
+"""At shutdown, how long the writer keeps retrying a commit the database refuses (disk full,
+locked) before it gives up on the uncommitted messages, so that the process can exit. They
+were never visible to any reader, so no client holds a seq that is lost."""
 
 __all__ = ["Entry", "JobEmitter", "MessageLog"]
 
@@ -93,6 +99,7 @@ class MessageLog:
         self._store = store
         self.ring_size = ring_size
         self._tail_cap = min(ring_size, TAIL_MAX)
+        self._tail_trim = self._tail_cap + self._tail_cap // 4  # amortised trimming
         self._jobs: dict[str, _JobState] = {}
         self._batch = Batch()
         self._dirty: dict[str, _JobState] = {}
@@ -101,6 +108,7 @@ class MessageLog:
         self._messages_total = 0
         self._batches_total = 0
         self._commit_errors_total = 0
+        self._failing: str | None = None
 
     # -- producing ------------------------------------------------------------------------
 
@@ -150,7 +158,7 @@ class MessageLog:
         entry = Entry(seq, kind, text)
         tail = state.tail
         tail.append(entry)
-        if len(tail) > 2 * self._tail_cap:
+        if len(tail) > self._tail_trim:
             del tail[: len(tail) - self._tail_cap]
         batch = self._batch
         batch.messages.append((state.job_id, seq, kind, text))
@@ -215,10 +223,19 @@ class MessageLog:
                 await self._flush()
         finally:
             with trio.CancelScope(shield=True):
+                give_up_at = trio.current_time() + SHUTDOWN_FLUSH_S
                 while self._batch:
-                    await self._flush()
+                    if not await self._flush(give_up_at):
+                        break
 
-    async def _flush(self) -> None:
+    @property
+    def failing(self) -> str | None:
+        """Why the last commit failed, while commits are failing (None once one succeeds)."""
+        return self._failing
+
+    async def _flush(self, give_up_at: float = math.inf) -> bool:
+        """Commit the queued batch, retrying while the database refuses it; False if it was
+        given up (only once ``give_up_at`` has passed: at shutdown)."""
         batch, dirty = self._batch, self._dirty
         self._batch, self._dirty = Batch(), {}
         self._wakeup = trio.Event()
@@ -230,20 +247,39 @@ class MessageLog:
             if last > self.ring_size:
                 batch.trims[job_id] = last - self.ring_size
         delay = 0.05
-        # Once taken out of the queue, a batch is committed whatever happens: a cancelled
-        # commit would lose messages that producers already handed over.
-        with trio.CancelScope(shield=True):
-            while True:
-                try:
+        while True:
+            try:
+                # A commit in progress always completes: cancelling it could lose messages
+                # that producers already handed over.
+                with trio.CancelScope(shield=True):
                     await self._store.commit_batch(batch)
-                    break
-                except StoreError as exc:
-                    # The database is locked or full: keep the batch and retry; producers
-                    # are held back by drain() once the queue passes HIGH_WATER.
-                    self._commit_errors_total += 1
-                    logger.error("commit failed, retrying in %.2f s: %s", delay, exc)
+                break
+            except StoreError as exc:
+                # The database is locked or full: keep the batch and retry; producers are
+                # held back by drain() once the queue passes HIGH_WATER.
+                self._commit_errors_total += 1
+                self._failing = exc.reason if isinstance(exc, StoreUnavailable) else str(exc)
+                if trio.current_time() >= give_up_at:
+                    logger.error(
+                        "shutting down: %d messages of %d jobs could not be committed and are"
+                        " lost (no client saw them): %s",
+                        len(batch.messages),
+                        len(dirty),
+                        exc,
+                    )
+                    return False
+                logger.error("commit failed, retrying in %.2f s: %s", delay, exc)
+                try:
                     await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_S)
+                except trio.Cancelled:
+                    # Shutdown while retrying: the batch goes back to the head of the queue,
+                    # where the final (time-bounded) flush in run() picks it up.
+                    self._requeue(batch, dirty)
+                    raise
+                delay = min(delay * 2, RETRY_MAX_S)
+        if self._failing is not None:
+            logger.warning("commits succeed again (%d messages committed)", len(batch.messages))
+            self._failing = None
         self._messages_total += len(batch.messages)
         self._batches_total += 1
         for job_id, state in dirty.items():
@@ -253,6 +289,18 @@ class MessageLog:
             state.notify()
         self._flushed.set()
         self._flushed = trio.Event()
+        return True
+
+    def _requeue(self, batch: Batch, dirty: dict[str, _JobState]) -> None:
+        """Put a batch that could not be committed back in front of what was queued since."""
+        queued = self._batch
+        batch.new_jobs += queued.new_jobs
+        batch.messages += queued.messages
+        for job_id, changes in queued.updates.items():
+            batch.updates.setdefault(job_id, {}).update(changes)  # the newer ones win
+        self._batch = batch
+        self._dirty = {**dirty, **self._dirty}
+        self._wakeup.set()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -328,5 +376,6 @@ class MessageLog:
             "commit_batches_total": self._batches_total,
             "commit_errors_total": self._commit_errors_total,
             "messages_pending": len(self._batch.messages),
+            "commit_failing": 1.0 if self._failing is not None else 0.0,
             "jobs_tracked": len(self._jobs),
         }

@@ -80,9 +80,13 @@ class ProtocolError(ValueError):
     """A client sent something the protocol does not allow; the message says what."""
 
 
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON, the one encoding used on the wire, in the log and in the database."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    # One encoder for the process: json.dumps with options builds a new one per call.
+    return _ENCODER.encode(obj)
 
 
 def loads(text: str | bytes) -> Any:

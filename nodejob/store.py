@@ -39,6 +39,21 @@ class StoreError(RuntimeError):
     """The database cannot be used (wrong version, corrupt, not a database): a clear message."""
 
 
+class StoreUnavailable(StoreError):
+    """A write could not be done now (the database is locked by another process, the disk is
+    full, an I/O error): nothing was written, and trying again later may work.
+
+    ``reason`` is SQLite's word for it, without the database's path (fit for a client).
+    """
+
+    def __init__(self, path: Path, reason: object) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = str(reason)
+
+
+_TRANSIENT: Final = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError)
+
+
 class Entry(NamedTuple):
     """One message of a job's log: its seq, its type and its exact JSON text."""
 
@@ -174,16 +189,29 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _connect(path: Path) -> apsw.Connection:
+def _connect(path: Path, *, configure: bool = True) -> apsw.Connection:
     try:
         connection = apsw.Connection(str(path))
         connection.set_busy_timeout(BUSY_TIMEOUT_MS)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA foreign_keys=ON")
+        if configure:
+            _configure(connection)
     except apsw.Error as exc:
-        raise StoreError(f"{path}: cannot open the database: {exc}") from None
+        raise StoreError(f"{path}: cannot open the database: {_first_line(exc)}") from None
     return connection
+
+
+def _configure(connection: apsw.Connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+
+
+def _first_line(exc: BaseException | str) -> str:
+    """SQLite's messages can run to many lines (integrity reports): the first one, and how
+    many more there were, so a start-up error stays one line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    more = f" (and {len(lines) - 1} more problems)" if len(lines) > 1 else ""
+    return lines[0].strip() + more
 
 
 class Store:
@@ -191,8 +219,14 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = _connect(path)
-        self._migrate()
+        # Configured only once the version and integrity checks pass: switching a newer or
+        # damaged database to WAL would already be writing to a file we refuse to use.
+        self._writer = _connect(path, configure=False)
+        try:
+            self._migrate()
+        except BaseException:
+            self._writer.close()
+            raise
         self._inline = _connect(path)
         self._reader = _connect(path)
         self._write_limiter = trio.CapacityLimiter(1)
@@ -221,7 +255,12 @@ class Store:
                 )
             check = self._writer.execute("PRAGMA quick_check").fetchall()
             if check != [("ok",)]:
-                raise StoreError(f"{self.path}: database is damaged: {check[0][0]}")
+                problems = "\n".join(str(row[0]) for row in check)
+                raise StoreError(
+                    f"{self.path}: database is damaged: {_first_line(problems)};"
+                    " restore it from a backup or move it aside"
+                )
+            _configure(self._writer)
             schema = importlib.resources.files("nodejob").joinpath("schema.sql").read_text()
             with self._writer:
                 self._writer.execute(schema)
@@ -229,7 +268,9 @@ class Store:
         except apsw.NotADBError:
             raise StoreError(f"{self.path}: not a nodejob database (file is not SQLite)") from None
         except apsw.CorruptError as exc:
-            raise StoreError(f"{self.path}: database is corrupt: {exc}") from None
+            raise StoreError(f"{self.path}: database is corrupt: {_first_line(exc)}") from None
+        except _TRANSIENT as exc:
+            raise StoreError(f"{self.path}: cannot prepare the database: {exc}") from None
 
     def close(self) -> None:
         for connection in (self._inline, self._reader, self._writer):
@@ -241,8 +282,8 @@ class Store:
         """Write one batch in one transaction (the group commit); StoreError if it cannot."""
         try:
             self._commit_batch(batch)
-        except (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError) as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(self.path, exc) from exc
 
     def _commit_batch(self, batch: Batch) -> None:
         with self._writer:
@@ -256,14 +297,23 @@ class Store:
                     "INSERT OR IGNORE INTO messages (job_id, seq, type, body) VALUES (?, ?, ?, ?)",
                     batch.messages,
                 )
+            # Most updates only move last_seq: one executemany for those; status changes are
+            # rare (a few per job) and go one statement each.
+            seqs_only = []
             for job_id, changes in batch.updates.items():
+                if changes.keys() == {"last_seq"}:
+                    seqs_only.append((changes["last_seq"], job_id))
+                    continue
                 columns = ", ".join(f"{name} = ?" for name in changes)
                 self._writer.execute(
                     f"UPDATE jobs SET {columns} WHERE id = ?", (*changes.values(), job_id)
                 )
-            for job_id, upto in batch.trims.items():
-                self._writer.execute(
-                    "DELETE FROM messages WHERE job_id = ? AND seq <= ?", (job_id, upto)
+            if seqs_only:
+                self._writer.executemany("UPDATE jobs SET last_seq = ? WHERE id = ?", seqs_only)
+            if batch.trims:
+                self._writer.executemany(
+                    "DELETE FROM messages WHERE job_id = ? AND seq <= ?",
+                    [(job_id, upto) for job_id, upto in batch.trims.items()],
                 )
 
     async def commit_batch(self, batch: Batch) -> None:
@@ -271,9 +321,15 @@ class Store:
             await trio.to_thread.run_sync(self.commit_batch_sync, batch)
 
     async def _write(self, sql: str, bindings: Iterable[Any] = ()) -> None:
+        """Run one write statement in its own transaction; StoreUnavailable if it cannot be
+        done now (locked past the busy timeout, disk full)."""
+
         def run() -> None:
-            with self._writer:
-                self._writer.execute(sql, tuple(bindings))
+            try:
+                with self._writer:
+                    self._writer.execute(sql, tuple(bindings))
+            except _TRANSIENT as exc:
+                raise StoreUnavailable(self.path, exc) from exc
 
         async with self._write_limiter:
             await trio.to_thread.run_sync(run)
@@ -289,6 +345,8 @@ class Store:
                 )
         except apsw.ConstraintError:
             raise StoreError(f"user {name!r} already exists") from None
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(self.path, exc) from None
         return user, token
 
     def ensure_local_user_sync(self, token_path: Path) -> None:
@@ -402,7 +460,12 @@ class Store:
 
     async def unfinished_jobs(self, user_id: str | None = None) -> list[JobRecord]:
         """Jobs in ``starting``/``running``: the user's, or everyone's when user_id is None."""
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN ('starting', 'running')"
+        # The partial index holds only unfinished jobs; left to itself, SQLite would walk the
+        # user's whole history through jobs_by_user instead (21 ms at 100k jobs, vs 0.1 ms).
+        sql = (
+            f"SELECT {_JOB_COLUMNS} FROM jobs INDEXED BY jobs_unfinished"
+            " WHERE status IN ('starting', 'running')"
+        )
         bindings: tuple[Any, ...] = ()
         if user_id is not None:
             sql += " AND user_id = ?"

@@ -152,6 +152,7 @@ class Sleep(Node):
         tick = 0
         while now < deadline:
             ctx.progress(round(now - start, 3), total)
+            await ctx.drain()  # backpressure: many ticking jobs must not outrun the writer
             # Ticks sit on a grid from the start, so a late wake-up neither drifts nor doubles.
             while start + tick * PROGRESS_INTERVAL_S <= now:
                 tick += 1
