@@ -1,9 +1,9 @@
-"""The ``nodejob`` command: argument parsing and the client subcommands.
+"""The ``nodejob`` command: argument parsing and dispatch.
 
-``run``, ``attach``, ``ls``, ``show`` and ``cancel`` talk to a server through nodejob.client
-and draw with nodejob.render. ``serve``, ``users``, ``worker``, ``bench`` and ``tui`` belong
-to other modules and are imported lazily inside their handlers, so that ``nodejob
---version`` and ``nodejob run`` stay fast.
+``run``, ``attach``, ``ls``, ``show`` and ``cancel`` are implemented in nodejob.commands.
+``serve``, ``users``, ``worker``, ``bench`` and ``tui`` belong to other modules and are
+imported lazily inside their handlers, so that ``nodejob --version`` and ``nodejob run`` stay
+fast.
 
 This module must not import the server, the store, apsw or quart at module level.
 """
@@ -11,47 +11,28 @@ This module must not import the server, the store, apsw or quart at module level
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from nodejob import __version__, protocol
+from nodejob import __version__, commands, protocol
+from nodejob.commands import Session, UsageError
 from nodejob.config import DEFAULT_URL, default_home
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Sequence
 
-    from nodejob.client import Client, JobStream
-    from nodejob.render import JobView
-
-# trio, httpx, rich and nodejob.client are imported inside the commands that use them, so
-# that parsing (and --version, and the delegating commands) does not pay for them.
-
-REFRESH_S: Final = 0.1
-DETAIL_FETCHES: Final = 8
-"""How many job objects ``ls`` fetches at once."""
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-@dataclass(slots=True)
-class Session:
-    """What a command needs to reach the server, and what an interrupt needs to report."""
-
-    url: str
-    token: str | None
-    home: Path
-    job_id: str | None = None
-    stream: JobStream | None = None  # knows a started job's id even before run_job returns
-    interrupted: bool = False
+__all__ = [
+    "Session",
+    "UsageError",
+    "build_parser",
+    "home_dir",
+    "load_run_data",
+    "main",
+    "parse_param",
+    "session_from",
+]
 
 
 def home_dir(option: str | None) -> Path:
@@ -146,296 +127,6 @@ def load_run_data(path: str | None, args: argparse.Namespace) -> dict[str, Any]:
     if args.timeout is not None:
         data["timeout_seconds"] = args.timeout
     return data
-
-
-# -- following a job ---------------------------------------------------------------------------
-
-
-def _write_json_line(message: dict[str, Any]) -> None:
-    sys.stdout.write(protocol.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-async def follow(stream: JobStream, job_id: str, view: JobView | None) -> int:
-    """Print ``job_id``'s messages (JSON lines, or ``view``) until it ends; its exit status.
-
-    Cancellation: leaves the job running; ``view`` is left for the caller to stop.
-    """
-    import trio
-
-    from nodejob.client import ClientError
-
-    async with trio.open_nursery() as nursery:
-        refresher = _Refresher(stream, view)
-        if view is not None:
-            view.start()
-        nursery.start_soon(refresher.run)
-        try:
-            async for message in stream.messages():
-                if message.get("job_id") != job_id:
-                    continue
-                if view is None:
-                    _write_json_line(message)
-                else:
-                    view.handle(message)
-                if protocol.is_terminal_update(message):
-                    refresher.tick()
-                    if view is not None:
-                        view.finish()
-                    return protocol.EXIT_BY_STATUS[protocol.JobStatus(message["status"])]
-        finally:
-            nursery.cancel_scope.cancel()
-    raise ClientError(None, f"the stream of job {job_id} ended before the job did")
-
-
-class _Refresher:
-    """Redraws ``view`` about 10 times a second; reports reconnects (on stderr without one)."""
-
-    def __init__(self, stream: JobStream, view: JobView | None) -> None:
-        self.stream, self.view, self.reconnects = stream, view, 0
-
-    def tick(self) -> None:
-        state = self.stream.state
-        if self.reconnects != self.stream.reconnects:
-            self.reconnects = self.stream.reconnects
-            state = "reconnected"
-        if self.view is not None:
-            self.view.set_connection(state)
-            self.view.refresh()
-        elif state == "reconnected":
-            print("nodejob: connection lost, reconnected", file=sys.stderr, flush=True)
-
-    async def run(self) -> None:
-        import trio
-
-        while True:
-            await trio.sleep(REFRESH_S)
-            self.tick()
-
-
-async def _run(session: Session, args: argparse.Namespace, data: dict[str, Any]) -> int:
-    from nodejob.client import Client, open_job_stream
-    from nodejob.render import JobView, make_console
-
-    if args.detach:
-        async with Client(session.url, session.token) as client:
-            job = await client.start_job(data)
-        print(job["id"])
-        return protocol.EXIT_COMPLETED
-    view = None if args.json else JobView(make_console())
-    try:
-        async with open_job_stream(session.url, session.token, reconnect=True) as stream:
-            session.stream = stream
-            session.job_id = await stream.run_job(data)
-            if view is not None:
-                view.job_id = session.job_id
-            return await follow(stream, session.job_id, view)
-    finally:
-        if view is not None:
-            view.stop()
-
-
-async def _attach(session: Session, args: argparse.Namespace) -> int:
-    from nodejob.client import Client, open_job_stream
-    from nodejob.render import JobView, make_console
-
-    session.job_id = job_id = args.job_id
-    async with Client(session.url, session.token) as client:
-        job = await client.get_job(job_id)
-    view = None if args.json else JobView(make_console(), job_id, job=job)
-    status = job.get("status")
-    if status in protocol.TERMINAL and args.after_seq >= int(job.get("last_seq") or 0):
-        # Nothing after --after-seq will ever come: say how it ended, do not wait.
-        if view is not None:
-            view.finish()
-        return protocol.EXIT_BY_STATUS[protocol.JobStatus(status)]
-    try:
-        async with open_job_stream(session.url, session.token, reconnect=True) as stream:
-            session.stream = stream
-            await stream.reconnect_job(job_id, args.after_seq)
-            return await follow(stream, job_id, view)
-    finally:
-        if view is not None:
-            view.stop()
-
-
-# -- one-shot commands -------------------------------------------------------------------------
-
-
-async def _ls(session: Session, args: argparse.Namespace) -> int:
-    from nodejob.client import Client
-    from nodejob.render import jobs_table, make_console
-
-    async with Client(session.url, session.token) as client:
-        if args.all:
-            jobs: list[dict[str, Any]] = []
-            async with contextlib.aclosing(client.iter_jobs(workflow_id=args.workflow_id)) as it:
-                async for job in it:
-                    jobs.append(job)
-                    if args.limit is not None and len(jobs) >= args.limit:
-                        break
-        else:
-            jobs = await _with_details(client, await client.running_jobs())
-            if args.workflow_id is not None:
-                jobs = [job for job in jobs if job.get("workflow_id") == args.workflow_id]
-    if args.json:
-        print(json.dumps(jobs, indent=2, ensure_ascii=False))
-    elif jobs:
-        make_console().print(jobs_table(jobs))
-    else:
-        make_console().print("no unfinished jobs" if not args.all else "no jobs", style="dim")
-    return 0
-
-
-async def _with_details(client: Client, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The full job objects of running-job summaries (a summary if the fetch fails)."""
-    import trio
-
-    from nodejob.client import ClientError
-
-    jobs: list[dict[str, Any]] = [dict(summary) for summary in summaries]
-    limiter = trio.CapacityLimiter(DETAIL_FETCHES)
-
-    async def fetch(index: int) -> None:
-        async with limiter:
-            try:
-                jobs[index] = await client.get_job(str(summaries[index]["job_id"]))
-            except ClientError as exc:
-                if exc.status is None:
-                    raise
-
-    async with trio.open_nursery() as nursery:
-        for index in range(len(summaries)):
-            nursery.start_soon(fetch, index)
-    return jobs
-
-
-async def _show(session: Session, args: argparse.Namespace) -> int:
-    from nodejob.client import Client
-    from nodejob.render import job_details, make_console
-
-    async with Client(session.url, session.token) as client:
-        job = await client.get_job(args.job_id)
-    if args.json:
-        print(json.dumps(job, indent=2, ensure_ascii=False))
-    else:
-        make_console().print(job_details(job))
-    return 0
-
-
-async def _cancel(session: Session, args: argparse.Namespace) -> int:
-    from nodejob.client import Client, ClientError
-
-    async with Client(session.url, session.token) as client:
-        try:
-            await client.cancel_job(args.job_id)
-        except ClientError as exc:
-            if exc.status == 409:  # already finished: not a usage error
-                print(f"nodejob: {exc.detail}", file=sys.stderr)
-                return protocol.EXIT_FAILED
-            raise
-    print(f"cancelled {args.job_id}")
-    return 0
-
-
-# -- running, and reporting errors in one line -------------------------------------------------
-
-
-def run_async(
-    session: Session, fn: Callable[..., Awaitable[int]], *args: Any, interrupt: str = ""
-) -> int:
-    """``trio.run(fn, session, *args)``, mapping failures to one stderr line and an exit status.
-
-    Ctrl-C exits 130; when a job is being followed (``interrupt="attach"``) it keeps running
-    and the way back is printed. The first Ctrl-C cancels ``fn`` so that the WebSocket
-    closes cleanly; a second one (or one that trio raises as KeyboardInterrupt out of
-    ``trio.run``) stops at once.
-    """
-    import trio
-
-    from nodejob.client import ClientError
-
-    try:
-        code = trio.run(_interruptible, session, fn, *args)
-    except BaseException as exc:
-        if session.interrupted:  # whatever the interrupted work raised on its way out
-            return _detached(session, interrupt)
-        leaves = list(_leaves(exc))
-        if any(isinstance(leaf, KeyboardInterrupt | BrokenPipeError) for leaf in leaves):
-            if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
-                _silence_stdout()
-            return _detached(session, interrupt)
-        for leaf in leaves:
-            if isinstance(leaf, ClientError | UsageError):
-                return fail(_describe(leaf, session))
-        raise
-    return _detached(session, interrupt) if session.interrupted else code
-
-
-async def _interruptible(session: Session, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
-    import trio
-
-    if threading.current_thread() is not threading.main_thread():
-        return await fn(session, *args)  # signals can only be caught in the main thread
-    code = protocol.EXIT_DETACHED
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            work = trio.CancelScope()
-
-            async def watch() -> None:
-                async for _ in signals:
-                    if session.interrupted:
-                        raise KeyboardInterrupt
-                    session.interrupted = True
-                    if session.stream is not None:  # a clean close first, while it can
-                        with trio.move_on_after(1.0):
-                            await session.stream.aclose()
-                    work.cancel()
-
-            nursery.start_soon(watch)
-            with work:
-                code = await fn(session, *args)
-            nursery.cancel_scope.cancel()
-    return code
-
-
-def _detached(session: Session, interrupt: str) -> int:
-    if session.job_id is None and session.stream is not None and session.stream.started:
-        session.job_id = session.stream.started[-1]
-    if interrupt and session.job_id:
-        print(f"nodejob attach {session.job_id}", file=sys.stderr)
-    elif interrupt:
-        print("nodejob: interrupted", file=sys.stderr)
-    return protocol.EXIT_DETACHED
-
-
-def _leaves(exc: BaseException) -> Sequence[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for child in exc.exceptions for leaf in _leaves(child)]
-    return [exc]
-
-
-def _describe(exc: Exception, session: Session) -> str:
-    from nodejob.client import ClientError, ConnectError
-
-    if isinstance(exc, ConnectError):
-        return f"cannot connect to {session.url} (is `nodejob serve` running?)"
-    if isinstance(exc, ClientError) and exc.status == 401:
-        return f"{exc.detail} (set --token or NODEJOB_TOKEN, or the file {session.home}/token)"
-    return exc.detail if isinstance(exc, ClientError) else str(exc)
-
-
-def _silence_stdout() -> None:
-    """After a closed pipe, point stdout at /dev/null so exiting does not complain."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-def fail(message: str) -> int:
-    """Report ``message`` as the one ``nodejob: ...`` line on stderr; exit status 2."""
-    print(f"nodejob: {message}", file=sys.stderr)
-    return protocol.EXIT_USAGE
 
 
 # -- commands owned by other modules (imported lazily) -----------------------------------------
@@ -581,18 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "run":
                 data = load_run_data(args.file, args)
                 if args.detach:
-                    return run_async(session, _run, args, data)
-                return run_async(session, _run, args, data, interrupt="attach")
+                    return commands.run_async(session, commands.run, args, data)
+                return commands.run_async(session, commands.run, args, data, interrupt="attach")
             case "attach":
-                return run_async(session, _attach, args, interrupt="attach")
+                return commands.run_async(session, commands.attach, args, interrupt="attach")
             case "ls":
-                return run_async(session, _ls, args)
+                return commands.run_async(session, commands.ls, args)
             case "show":
-                return run_async(session, _show, args)
+                return commands.run_async(session, commands.show, args)
             case "cancel":
-                return run_async(session, _cancel, args)
+                return commands.run_async(session, commands.cancel, args)
     except UsageError as exc:
-        return fail(str(exc))
+        return commands.fail(str(exc))
     except KeyboardInterrupt:
         return protocol.EXIT_DETACHED
     parser.error(f"unknown command {args.command}")  # unreachable: argparse requires one
