@@ -23,6 +23,7 @@ from nodejob.bench.harness import (
     Sizes,
     Unavailable,
     connect,
+    emitter,
     rss_bytes,
     running_server,
     sleeper,
@@ -109,8 +110,12 @@ async def bench_concurrent(home: Path, sizes: Sizes, report: Callable[[str], Non
 async def bench_strategy(
     home: Path, sizes: Sizes, report: Callable[[str], None], strategy: str, **options: Any
 ) -> Results:
-    """Trivial graph, submit → terminal job_update, under an out-of-process strategy."""
+    """Trivial graph, submit → terminal job_update, under an out-of-process strategy; then
+    one Emit job's stream, end to end, under the same strategy."""
     times: list[float] = []
+    n = sizes.stream_messages
+    # A ring larger than the stream: nothing is trimmed, so nothing can be skipped.
+    options.setdefault("ring_size", 2 * n + 1000)
     async with running_server(home, **options) as server, connect(server.ws_url) as conn:
         report(f"{strategy}: warm-up")
         try:
@@ -122,8 +127,14 @@ async def bench_strategy(
             start = time.perf_counter()
             await conn.run(TRIVIAL, execution_strategy=strategy)
             times.append((time.perf_counter() - start) * 1000)
+        report(f"{strategy}: stream of {n:,} messages")
+        start = time.perf_counter()
+        reply = await conn.command("run_job", graph=emitter(n, 100), execution_strategy=strategy)
+        count = await conn.follow(str(reply["job_id"]))
+        rate = count / (time.perf_counter() - start)
     return {
         f"{strategy}_job_ms_p50": statistics.median(times),
+        f"{strategy}_stream_msgs_per_s": rate,
         "details": {f"{strategy}_job_ms_p90": _p90(times), f"{strategy}_runs": len(times)},
     }
 

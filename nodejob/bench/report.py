@@ -34,6 +34,8 @@ FIGURES: Final[tuple[Figure, ...]] = (
     ("multi_job_msgs_per_s", "multi", None),
     ("subprocess_job_ms_p50", "subprocess", None),
     ("docker_job_ms_p50", "docker", None),
+    ("subprocess_stream_msgs_per_s", "subprocess", None),
+    ("docker_stream_msgs_per_s", "docker", None),
 )
 GROUPS: Final = (
     "concurrent",  # first: later benchmarks leave freed memory that would hide RSS growth
