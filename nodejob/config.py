@@ -44,6 +44,16 @@ class Config:
     docker_pids: int = 256
     docker_network: str = "none"
     ray_address: str = "http://127.0.0.1:8265"
+    ray_token: str = ""
+    """Bearer token for a Ray dashboard with token auth (NODEJOB_RAY_TOKEN; RAY_AUTH_MODE=token)."""
+    ray_worker: str = "bundle"
+    """How Ray nodes get the worker (NODEJOB_RAY_WORKER): ``bundle`` ships nodejob's worker
+    bundle through runtime_env py_modules; ``installed`` uses the nodejob on the nodes."""
+    ray_worker_command: str = "python3 -m nodejob.worker"
+    """The shell command that starts the worker on a Ray node (NODEJOB_RAY_WORKER_COMMAND);
+    ``--request FILE`` is appended."""
+    ray_num_cpus: float = 1.0
+    """CPUs a ray job asks for when its ``resources`` name none (NODEJOB_RAY_NUM_CPUS)."""
     kill_grace_s: float = 5.0
     """Seconds between SIGTERM and SIGKILL when cancelling out-of-process work."""
     docker_host: str = ""
@@ -88,6 +98,7 @@ _FLOATS: Final = {
     "retention_s",
     "docker_cpus",
     "kill_grace_s",
+    "ray_num_cpus",
 }
 
 
