@@ -146,8 +146,24 @@ async def bench_subprocess(home: Path, sizes: Sizes, report: Callable[[str], Non
 async def bench_docker(home: Path, sizes: Sizes, report: Callable[[str], None]) -> Results:
     image = os.environ.get("NODEJOB_TEST_DOCKER_IMAGE")
     if not image:
-        raise Unavailable("NODEJOB_TEST_DOCKER_IMAGE is not set (no image with nodejob in it)")
+        raise Unavailable("NODEJOB_TEST_DOCKER_IMAGE is not set (an image with Python 3.11+)")
     return await bench_strategy(home, sizes, report, "docker", docker_image=image)
+
+
+async def bench_ray(home: Path, sizes: Sizes, report: Callable[[str], None]) -> Results:
+    """Submit → terminal and the log tail's lag on a real Ray cluster (NODEJOB_RAY_ADDRESS or
+    NODEJOB_TEST_RAY_ADDRESS)."""
+    from nodejob.executions.ray_bench import measure_ray
+    from nodejob.executions.ray_cluster import RayError
+
+    address = os.environ.get("NODEJOB_TEST_RAY_ADDRESS") or os.environ.get("NODEJOB_RAY_ADDRESS")
+    if not address:
+        raise Unavailable("no Ray cluster: set NODEJOB_RAY_ADDRESS (its dashboard URL)")
+    report(f"ray: measuring against {address} (about 30 s)")
+    try:
+        return await measure_ray(address)
+    except RayError as exc:
+        raise Unavailable(f"Ray at {address}: {exc}") from None
 
 
 def _active(manager: JobExecutionManager) -> int:

@@ -36,6 +36,8 @@ FIGURES: Final[tuple[Figure, ...]] = (
     ("docker_job_ms_p50", "docker", None),
     ("subprocess_stream_msgs_per_s", "subprocess", None),
     ("docker_stream_msgs_per_s", "docker", None),
+    ("ray_job_ms_p50", "ray", None),
+    ("ray_stream_lag_ms_p50", "ray", None),
 )
 GROUPS: Final = (
     "concurrent",  # first: later benchmarks leave freed memory that would hide RSS growth
@@ -45,8 +47,9 @@ GROUPS: Final = (
     "multi",
     "subprocess",
     "docker",
+    "ray",
 )
-OPTIONAL_GROUPS: Final = frozenset({"subprocess", "docker"})
+OPTIONAL_GROUPS: Final = frozenset({"subprocess", "docker", "ray"})
 """Strategies that may be unavailable here: reported as null with a reason, not an error."""
 
 

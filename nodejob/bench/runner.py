@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from nodejob.bench.harness import FULL, QUICK, Results, Sizes, Unavailable
-from nodejob.bench.jobs import bench_concurrent, bench_docker, bench_subprocess, bench_trivial
+from nodejob.bench.jobs import (
+    bench_concurrent,
+    bench_docker,
+    bench_ray,
+    bench_subprocess,
+    bench_trivial,
+)
 from nodejob.bench.report import FIGURES, GROUPS, OPTIONAL_GROUPS, Report, as_json, print_table
 from nodejob.bench.stream import bench_multi, bench_replay, bench_stream
 from nodejob.protocol import EXIT_USAGE
@@ -38,6 +44,7 @@ BENCHES: Final[dict[str, Callable[[Path, Sizes, Callable[[str], None]], Awaitabl
     "multi": bench_multi,
     "subprocess": bench_subprocess,
     "docker": bench_docker,
+    "ray": bench_ray,
 }
 
 
