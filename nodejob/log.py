@@ -286,6 +286,10 @@ class MessageLog:
             state.committed = committed[job_id]
             if state.closed and state.committed == state.next_seq - 1:
                 state.done = True
+                # A finished job's stream is complete in SQLite: late readers replay it from
+                # there. Keeping its tail would hold up to TAIL_MAX (+25%) messages of every
+                # finished job in memory until the registry forgets it (an hour by default).
+                state.tail = []
             state.notify()
         self._flushed.set()
         self._flushed = trio.Event()

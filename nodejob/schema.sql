@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status) WHERE status IN ('starting', 'running');
+-- Listing one workflow's jobs without walking the user's whole history.
+CREATE INDEX IF NOT EXISTS jobs_by_workflow ON jobs (user_id, workflow_id, created_at DESC, id DESC);
 
 -- The bounded ring of each job's messages: body is the exact JSON sent to clients.
 CREATE TABLE IF NOT EXISTS messages (

@@ -33,6 +33,7 @@ from nodejob.manager import open_manager
 from nodejob.metrics import ServerStats
 from nodejob.protocol import EXIT_USAGE, MAX_FRAME_BYTES, dumps
 from nodejob.server import rest, sse, ws
+from nodejob.server.ws import store_unavailable
 from nodejob.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -47,6 +48,12 @@ DRAIN_LIMIT_BYTES: Final = 8 * MAX_FRAME_BYTES
 """Unread request body taken in (and dropped) to keep a connection reusable after an early
 answer; beyond it the connection is closed instead."""
 DRAIN_TIMEOUT_S: Final = 10.0
+RETRY_AFTER_S: Final = 2
+"""``Retry-After`` (seconds) of a 503 answered while the database refuses writes."""
+KEEP_ALIVE_S: Final = 5.0
+"""An idle connection, or one whose request head has not fully arrived, is closed after this."""
+MAX_HEAD_BYTES: Final = 16 * 1024
+"""Request line and headers, at most (h11 answers 431 or 400 beyond)."""
 _CLOSE: Final = (b"connection", b"close")
 
 _log = logging.getLogger(__name__)
@@ -130,6 +137,7 @@ def create_app(manager: JobExecutionManager) -> QuartTrio:
     ws.register(app, state)
     app.register_error_handler(RequestSchemaValidationError, _validation_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(StoreError, _store_error)
 
     @app.after_request
     async def count(response: Response) -> Response:
@@ -169,6 +177,13 @@ async def _http_error(exc: HTTPException) -> Response:
     if code == 405 and valid:
         headers["Allow"] = ", ".join(valid)
     return json_error(code, detail, headers)
+
+
+async def _store_error(exc: StoreError) -> Response:
+    # Locked past the busy timeout, or the disk is full: not the client's fault, and worth
+    # retrying. The database's path stays in the server's log.
+    _log.error("request failed: %s", exc)
+    return json_error(503, store_unavailable(exc), {"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _validation_error(exc: RequestSchemaValidationError) -> Response:
@@ -268,6 +283,14 @@ def _hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.bind = [f"{host}:{config.port}"]
     hc.websocket_max_message_size = MAX_FRAME_BYTES
     hc.graceful_timeout = GRACEFUL_TIMEOUT_S
+    # Slow clients: a connection whose request has not fully arrived (a slowloris sending its
+    # head a byte at a time) is closed after KEEP_ALIVE_S, like an idle one; a head is at most
+    # MAX_HEAD_BYTES. No read_timeout: it would also cut WebSocket followers that are quiet
+    # on purpose. No websocket_ping_interval either: hypercorn's ping task sleeps out its
+    # interval after the socket closed, holding every closed connection (and shutdown, up to
+    # GRACEFUL_TIMEOUT_S) that long.
+    hc.keep_alive_timeout = KEEP_ALIVE_S
+    hc.h11_max_incomplete_size = MAX_HEAD_BYTES
     hc.accesslog = None
     hc.loglevel = "WARNING"
     hc.include_server_header = False

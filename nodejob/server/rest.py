@@ -11,10 +11,12 @@ import apsw or any execution backend.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from quart import Response, abort, g, request
 from quart_schema import OpenAPIProvider, document_request, document_response, security_scheme
 from quart_schema import validate_querystring as query
@@ -24,13 +26,14 @@ from nodejob.manager import CancelResult, WorkflowNotFound
 from nodejob.metrics import CONTENT_TYPE, make_registry, render
 from nodejob.protocol import (
     MAX_FRAME_BYTES,
+    ExecutionStrategy,
     JobStatus,
+    MessageType,
     ProcessingContext,
     ProtocolError,
     RunJobRequest,
     dumps,
     iso,
-    loads,
 )
 from nodejob.server import ws
 from nodejob.server.auth import authenticate, bearer_token
@@ -39,6 +42,7 @@ from nodejob.workflow import GraphError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from pydantic.config import JsonDict
     from quart_trio import QuartTrio
 
     from nodejob.server.app import ServerState
@@ -49,6 +53,11 @@ QUERY_TOKEN_ENDPOINTS: Final = frozenset({"job_events"})
 """EventSource cannot send headers: these routes also take ``?token=``."""
 MAX_JOBS_PAGE: Final = 1000
 MAX_MESSAGES_PAGE: Final = 10_000
+MAX_ID_CHARS: Final = 256
+"""Longest workflow id a client may save."""
+_CONTROLS: Final = r"\x00-\x1f\x7f-\x9f"
+"""C0 and C1 control characters (a regex class body): never part of an id a client meant."""
+_CONTROL: Final = re.compile(f"[{_CONTROLS}]")
 
 
 # -- documentation models (validation of queries; documentation of bodies) ---------------
@@ -88,15 +97,64 @@ class RunningJob(BaseModel):
     is_completed: bool
 
 
+class GraphNode(BaseModel):
+    """A node: ``data`` holds its constant inputs."""
+
+    id: str
+    type: str = Field(examples=["nodejob.Constant"])
+    data: dict[str, Any] | None = None
+
+
+class GraphEdge(BaseModel):
+    """Feeds one node's output (``sourceHandle``, default ``output``) into another's input."""
+
+    source: str
+    sourceHandle: str | None = "output"
+    target: str
+    targetHandle: str
+
+
+class Graph(BaseModel):
+    """A workflow graph. Node types, handles, required inputs and cycles are checked when a
+    job starts (422 naming the node and the problem)."""
+
+    nodes: list[GraphNode] | None = None
+    edges: list[GraphEdge] | None = None
+
+
+_HELLO: Final[JsonDict] = {
+    "nodes": [
+        {"id": "a", "type": "nodejob.Constant", "data": {"value": 2}},
+        {"id": "b", "type": "nodejob.Add", "data": {"b": 3}},
+        {"id": "out", "type": "nodejob.Output", "data": {"name": "sum"}},
+    ],
+    "edges": [
+        {"source": "a", "sourceHandle": "output", "target": "b", "targetHandle": "a"},
+        {"source": "b", "sourceHandle": "output", "target": "out", "targetHandle": "value"},
+    ],
+}
+
+
 class RunJob(BaseModel):
     """``run_job`` data: a graph, or the workflow_id of a saved workflow."""
 
-    graph: dict[str, Any] | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["graph"], "properties": {"graph": {"type": "object"}}},
+                {"required": ["workflow_id"], "properties": {"workflow_id": {"type": "string"}}},
+            ],
+            "examples": [{"graph": _HELLO}],
+        }
+    )
+
+    graph: Graph | None = None
     workflow_id: str | None = None
     params: dict[str, Any] = {}
     job_type: str = "workflow"
-    execution_strategy: str | None = Field(None, examples=["threaded"])
-    timeout_seconds: float | None = None
+    execution_strategy: ExecutionStrategy | None = None
+    timeout_seconds: float | None = Field(None, gt=0)
+    resources: dict[str, Any] = {}
 
 
 class Cancelled(BaseModel):
@@ -113,8 +171,14 @@ class MessagePage(BaseModel):
 
 
 class WorkflowIn(BaseModel):
+    """A workflow to save; ``name`` defaults to its id."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "hello", "graph": _HELLO}]})
+
     name: str | None = None
-    graph: dict[str, Any]
+    graph: dict[str, Any] = Field(
+        description="saved as given (see Graph); checked when a job runs it",
+    )
 
 
 class Workflow(BaseModel):
@@ -159,27 +223,102 @@ class OpenAPI(OpenAPIProvider):
         events["200"] = _text(
             "id: SEQ / event: TYPE / data: JSON, per message", "text/event-stream"
         )
+        events["200"]["content"]["text/event-stream"]["schema"] = SSE_EVENT
+        job_events = paths["/api/jobs/{job_id}/events"]["get"]
+        job_events.setdefault("parameters", []).append(LAST_EVENT_ID)
         schema["components"]["schemas"]["Detail"] = Detail.model_json_schema()
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/Detail"}}}
+        string = {"schema": {"type": "string"}}
+        jobs = paths["/api/jobs/"]
+        jobs["get"]["responses"]["200"]["headers"] = {
+            "Link": {"description": 'the next page: <URL>; rel="next"', **string}
+        }
+        jobs["post"]["responses"]["201"]["headers"] = {
+            "Location": {"description": "the new job's path", **string}
+        }
+        jobs["post"]["responses"]["201"]["links"] = {
+            name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+            for name, operation in _JOB_LINKS.items()
+        }
+        paths["/api/workflows/{workflow_id}"]["put"]["responses"]["200"]["links"] = {
+            "GetWorkflow": {
+                "operationId": "get_workflow",
+                "parameters": {"workflow_id": "$response.body#/id"},
+            }
+        }
         for path, item in paths.items():
             if path == "/ws":
                 continue
             for method, op in item.items():
                 codes = op["responses"]
+                for parameter in op.get("parameters", ()):
+                    if parameter["in"] == "path":  # "" would name another route
+                        parameter["schema"]["minLength"] = 1
+                    if parameter["name"] == "workflow_id" and parameter["in"] == "path":
+                        parameter["schema"]["maxLength"] = MAX_ID_CHARS
+                        if method == "put":
+                            parameter["schema"]["pattern"] = f"^[^{_CONTROLS}]*$"
+                if "requestBody" in op:
+                    op["requestBody"]["required"] = True
                 if op.get("security") != []:
                     codes.setdefault("401", {"description": "missing or invalid token"})
+                    codes["401"]["headers"] = {"WWW-Authenticate": string}
                 if "{job_id}" in path or (method == "get" and "{" in path):
                     codes.setdefault("404", {"description": "no such job or workflow of yours"})
+                if "{workflow_id}" in path and method == "put":
+                    codes.setdefault("422", {"description": "an id no one could mean"})
                 if "requestBody" in op:
                     codes.setdefault("400", {"description": "the body is not JSON"})
                     codes.setdefault("413", {"description": f"body over {MAX_FRAME_BYTES} bytes"})
                     codes.setdefault("422", {"description": "the body has a wrong field"})
+                if method in ("post", "put"):
+                    codes.setdefault(
+                        "503",
+                        {
+                            "description": "the database refuses writes for now (locked, disk"
+                            " full); try again after Retry-After seconds",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                        },
+                    )
                 if any(p["in"] == "query" for p in op.get("parameters", ())):
                     codes.setdefault("422", {"description": "invalid query parameter"})
                 for code, response in codes.items():
-                    if code.startswith("4"):
+                    if code.startswith(("4", "5")):
                         response.setdefault("content", error)
+                    if response.get("description", "").startswith("Built-in mutable sequence"):
+                        response["description"] = "A JSON array."
         return schema
+
+
+_JOB_LINKS: Final = {
+    "GetJob": "get_job",
+    "CancelJob": "cancel_job",
+    "JobMessages": "job_messages",
+    "JobEvents": "job_events",
+}
+
+SSE_EVENT: Final = {
+    "description": "One event per message (OpenAPI 3.1: this schema describes each event).",
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the message's seq"},
+        "event": {"type": "string", "enum": [t.value for t in MessageType]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "the message, exactly as over the WebSocket",
+        },
+    },
+}
+
+LAST_EVENT_ID: Final = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "resume after this seq (EventSource sends it when it reconnects)",
+    "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
+}
 
 
 def _operation(operation_id: str, summary: str) -> dict[str, Any]:
@@ -208,9 +347,23 @@ async def read_json_body() -> Any:
     if not raw.strip():
         abort(400, "request body must be JSON")
     try:
-        return loads(raw)
+        # Python's decoder takes NaN and Infinity, which are not JSON: echoed back in a job
+        # object or a stream message, they would break every standard client's parser.
+        return json.loads(raw, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         abort(400, f"invalid JSON: {exc}")
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def check_id(name: str, value: str) -> None:
+    """422 for an id no one could have meant: too long, or holding control characters."""
+    if len(value) > MAX_ID_CHARS:
+        abort(422, f"{name}: at most {MAX_ID_CHARS} characters")
+    if _CONTROL.search(value):
+        abort(422, f"{name}: must not contain control characters")
 
 
 def register(app: QuartTrio, state: ServerState) -> None:
@@ -317,6 +470,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             run = RunJobRequest.from_data(data)
         except ProtocolError as exc:
             abort(422, str(exc))
+        ws.refuse_while_store_fails(manager)
         run.user_id, run.auth_token = user.id, token
         context = ProcessingContext(user_id=user.id, auth_token=token, workflow_id=run.workflow_id)
         try:
@@ -365,10 +519,13 @@ def register(app: QuartTrio, state: ServerState) -> None:
     async def put_workflow(workflow_id: str) -> Response:
         """Save (create or replace) a workflow of yours."""
         user, _ = caller()
+        check_id("workflow_id", workflow_id)
         data = await read_json_body()
         if not isinstance(data, dict):
             abort(422, "body must be an object")
-        name = data.get("name", workflow_id)
+        name = data.get("name")
+        if name is None:
+            name = workflow_id
         graph = data.get("graph")
         if not isinstance(name, str):
             abort(422, "name must be a string")

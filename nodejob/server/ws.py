@@ -36,6 +36,7 @@ from nodejob.protocol import (
     require,
 )
 from nodejob.server.auth import authenticate, bearer_token, origin_allowed
+from nodejob.store import StoreError, StoreUnavailable
 from nodejob.workflow import GraphError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
     from quart_trio import QuartTrio
 
+    from nodejob.manager import JobExecutionManager
     from nodejob.server.app import ServerState
     from nodejob.store import User
 
@@ -74,6 +76,7 @@ OPENAPI_OPERATION: Final[dict[str, Any]] = {
     ],
     "responses": {
         "101": {"description": "Switching Protocols: the command channel is open."},
+        "400": {"description": "Not a WebSocket upgrade request."},
         "401": {"description": "The handshake carried a bad token."},
         "403": {"description": "The Origin is not this server's nor an allowed one."},
     },
@@ -193,6 +196,9 @@ class Session:
             await self._handlers[command](data)
         except (ProtocolError, GraphError, WorkflowNotFound, ExecutionUnavailable) as exc:
             await self._reply(error_reply(_reason(exc), command.value))
+        except StoreError as exc:
+            _log.error("command %s failed: %s", command.value, exc)
+            await self._reply(error_reply(store_unavailable(exc), command.value))
         except Exception:
             _log.exception("command %s failed", command.value)
             await self._reply(error_reply("internal error", command.value))
@@ -209,6 +215,7 @@ class Session:
                 raise ProtocolError(AUTH_REQUIRED)
             self.user, self.token = user, token  # from now on the connection is this user
         request = RunJobRequest.from_data(data)
+        refuse_while_store_fails(self.manager)
         request.user_id = self.user.id
         request.auth_token = self.token
         context = ProcessingContext(
@@ -329,6 +336,20 @@ def install_send_many() -> bool:
     cls.app_send = app_send  # type: ignore[method-assign,assignment]
     cls._nodejob_send_many = True  # type: ignore[attr-defined]
     return True
+
+
+def store_unavailable(exc: StoreError) -> str:
+    """What a client is told when the database refuses a write (without the file's path)."""
+    reason = exc.reason if isinstance(exc, StoreUnavailable) else "the database cannot be used"
+    return f"database unavailable: {reason}; try again later"
+
+
+def refuse_while_store_fails(manager: JobExecutionManager) -> None:
+    """Raise StoreUnavailable while the message log's commits are failing (disk full,
+    locked): a new job could not record even its first message."""
+    reason = manager.log.failing
+    if reason is not None:
+        raise StoreUnavailable(manager.store.path, reason)
 
 
 def _reason(exc: Exception) -> str:
