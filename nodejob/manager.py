@@ -184,7 +184,11 @@ class JobExecutionManager:
             message["error"] = outcome.error or "failed"
         elif outcome.status is JobStatus.COMPLETED:
             message["result"] = {"outputs": outcome.outputs or {}}
-        self.log.append(live.job.id, message)
+        try:
+            self.log.append(live.job.id, message)
+        except Exception:
+            # Never let one job's bookkeeping take the supervisor (and the server) down.
+            logger.exception("job %s: could not log its terminal update", live.job.id)
         live.finished_at = time.monotonic()
         self._finished[outcome.status.value] += 1
 

@@ -80,7 +80,12 @@ class ProtocolError(ValueError):
     """A client sent something the protocol does not allow; the message says what."""
 
 
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""Strict JSON: NaN and Infinity are not JSON, and a client must never receive them."""
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def dumps(obj: Any) -> str:
@@ -90,7 +95,8 @@ def dumps(obj: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    return json.loads(text)
+    """Strict JSON decoding: NaN, Infinity and -Infinity are refused (ValueError)."""
+    return json.loads(text, parse_constant=_no_constants)
 
 
 def utc_now() -> datetime:
@@ -209,9 +215,11 @@ def require(data: dict[str, Any], name: str, kind: type) -> Any:
 def parse_command(text: str) -> tuple[Command, dict[str, Any]]:
     """Decode one client frame into (command, data); raises ProtocolError with a reason."""
     try:
-        frame = json.loads(text)
+        frame = loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("invalid JSON: nested too deeply") from None
     if not isinstance(frame, dict):

@@ -569,12 +569,6 @@ async def test_nan_and_infinity_are_refused_over_rest(server: Server, constant: 
         assert response.status_code == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.parse_command decodes NaN/Infinity (json.loads default), so a run_job "
-    "frame carrying one starts a job whose row and stream are not JSON; protocol.loads needs "
-    "parse_constant= raising, and protocol.dumps allow_nan=False (docs/guarantees.md)",
-)
 async def test_nan_is_refused_over_ws(server: Server) -> None:
     async with await RawWebSocket.open(server.url, server.token) as ws:
         await ws.send('{"command": "run_job", "data": {"graph": {}, "params": {"x": NaN}}}')

@@ -791,3 +791,35 @@ async def test_fail_example_fails_and_cancels_its_long_nap(
         "this workflow fails on purpose",
     )
     assert recorder.statuses("long_nap") == ["running", "cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("{a:>999999999}", "format width 999999999"),
+        ("{a:.{w}}", "nested replacement fields"),
+    ],
+)
+async def test_format_refuses_templates_that_would_exhaust_memory(template, fragment) -> None:
+    graph = validate_graph(
+        {
+            "nodes": [
+                {
+                    "id": "f",
+                    "type": "nodejob.Format",
+                    "data": {"template": template, "values": {"a": "x", "w": 10**9}},
+                }
+            ]
+        }
+    )
+    with pytest.raises(NodeFailed, match=fragment):
+        await run_graph(graph, {}, Recorder())
+
+
+async def test_add_refuses_results_that_would_exhaust_memory() -> None:
+    big = "x" * (3 * 1024 * 1024)
+    graph = validate_graph(
+        {"nodes": [{"id": "a", "type": "nodejob.Add", "data": {"a": big, "b": big}}]}
+    )
+    with pytest.raises(NodeFailed, match="result too large"):
+        await run_graph(graph, {}, Recorder())

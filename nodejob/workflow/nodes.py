@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -31,6 +33,10 @@ ENTRY_POINT_GROUP: Final = "nodejob.nodes"
 PROGRESS_INTERVAL_S: Final = 0.1
 """Sleep reports node_progress this often."""
 DRAIN_EVERY: Final = 100
+MAX_RESULT_CHARS: Final = 4 * 1024 * 1024
+"""Largest string or list Add and Format may produce: a job must not exhaust the server."""
+MAX_FORMAT_WIDTH: Final = 10_000
+"""Largest width or precision in a Format template's field specs."""
 """Emit awaits the emitter's backpressure after this many messages."""
 OUTPUT_TYPE: Final = "nodejob.Output"
 
@@ -117,6 +123,10 @@ class Add(Node):
     inputs = {"a": REQUIRED, "b": REQUIRED}
 
     async def run(self, ctx: NodeContext, *, a: Any, b: Any) -> Any:
+        if isinstance(a, str | list) and isinstance(b, str | list):
+            size = len(a) + len(b)
+            if size > MAX_RESULT_CHARS:
+                raise ValueError(f"result too large: {size} items (limit {MAX_RESULT_CHARS})")
         return a + b
 
 
@@ -130,10 +140,28 @@ class Format(Node):
         _require_string("template", template)
         if not isinstance(values, Mapping):
             raise TypeError("values must be an object")
+        _check_format_widths(template)
         try:
-            return template.format(**values)
+            result: str = template.format(**values)
         except KeyError as exc:
             raise ValueError(f"template field {exc.args[0]!r} is not in values") from None
+        if len(result) > MAX_RESULT_CHARS:
+            raise ValueError(f"result too large: {len(result)} characters")
+        return result
+
+
+def _check_format_widths(template: str) -> None:
+    """Refuse field widths/precisions that would allocate huge strings ("{a:>999999999}")."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"invalid template: {exc}") from None
+    for _, _, spec, _ in fields:
+        if spec and "{" in spec:
+            raise ValueError("nested replacement fields in a format spec are not supported")
+        for digits in re.findall(r"\d+", spec or ""):
+            if int(digits) > MAX_FORMAT_WIDTH:
+                raise ValueError(f"format width {digits} is over the limit of {MAX_FORMAT_WIDTH}")
 
 
 class Sleep(Node):
