@@ -60,8 +60,17 @@ def ws_url(http_url: str) -> str:
 
 
 @asynccontextmanager
-async def open_websocket(url: str, display_url: str) -> AsyncIterator[Any]:
+async def open_websocket(
+    url: str,
+    display_url: str,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    max_message_size: int = MAX_RECEIVE_BYTES,
+) -> AsyncIterator[Any]:
     """A trio_websocket client connection over a TCP stream that this function owns.
+
+    Used by the CLI/TUI client and by the Ray strategy's log tail. A refused handshake raises
+    trio_websocket's ConnectionRejected; see ``rejection_error``.
 
     trio-websocket 0.12's own ``open_websocket_url`` leaves the socket to the garbage
     collector after a server-side close or a refused handshake (a ResourceWarning, an error
@@ -94,7 +103,12 @@ async def open_websocket(url: str, display_url: str) -> AsyncIterator[Any]:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT_S):
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, host_header, resource, max_message_size=MAX_RECEIVE_BYTES
+                        nursery,
+                        stream,
+                        host_header,
+                        resource,
+                        extra_headers=extra_headers,
+                        max_message_size=max_message_size,
                     )
             except trio.TooSlowError:
                 raise ConnectError(display_url, "WebSocket handshake timed out") from None

@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import math
-import ssl
 import urllib.parse
 import zipfile
 from typing import TYPE_CHECKING, Any, Final
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 import trio_websocket
+
+from nodejob.connection import ConnectError, open_websocket
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -218,60 +219,17 @@ class RayJobs:
         Raises RayError if the connection or the handshake fails.
         """
         parts = urllib.parse.urlsplit(self.address)
-        secure = parts.scheme == "https"
-        host = parts.hostname or "localhost"
-        port = parts.port or (443 if secure else 80)
-        resource = f"{parts.path.rstrip('/')}/api/jobs/{submission_id}/logs/tail"
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        path = f"{parts.path.rstrip('/')}/api/jobs/{submission_id}/logs/tail"
+        url = urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
         headers = [(k.lower().encode(), v.encode()) for k, v in self._headers.items()]
-        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
         try:
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                if secure:
-                    context = ssl.create_default_context()
-                    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context)
-                else:
-                    stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise RayError(f"cannot reach the Ray dashboard at {self.address} ({exc!r})") from None
-        try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        ws = await trio_websocket.wrap_client_stream(
-                            nursery,
-                            stream,
-                            host if port in (80, 443) else f"{host}:{port}",
-                            resource,
-                            extra_headers=headers,
-                            max_message_size=MAX_FRAME_CHARS,
-                        )
-                except (trio_websocket.HandshakeError, trio.TooSlowError, OSError) as exc:
-                    raise RayError(f"log tail of Ray job {submission_id}: {exc!r}") from None
-                try:
-                    yield ws
-                finally:
-                    if trio.current_effective_deadline() != -math.inf:
-                        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-                            await ws.aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
-        finally:
-            await trio.aclose_forcefully(stream)
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception in a nursery's group (the caller's own, say ProtocolError), so that
-    callers can catch it by type; the group itself if it holds more than one."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+            async with open_websocket(
+                url, self.address, extra_headers=headers, max_message_size=MAX_FRAME_CHARS
+            ) as ws:
+                yield ws
+        except (ConnectError, trio_websocket.HandshakeError) as exc:
+            raise RayError(f"log tail of Ray job {submission_id}: {exc!r}") from None
 
 
 def _exists(response: httpx.Response) -> bool:
