@@ -237,6 +237,9 @@ class DockerExecution(JobExecution):
             return done
         container_id = self._handle.get("container_id")
         if not container_id:
+            # Killed between creating the container and recording its id: the container may
+            # exist under its name (never started); remove it with the job's spool directory.
+            await self._remove(f"nodejob-{self.job.id}")
             return Outcome(
                 JobStatus.FAILED, error="the server stopped before the container started"
             )
