@@ -60,6 +60,14 @@ class JobExecution(ABC):
         leaving the work running for ``resume`` after a restart.
         """
 
+    async def first_worker_seq(self) -> int:
+        """The seq an out-of-process worker starts numbering at, once everything before it
+        (``running`` at least) is committed: a restarted server re-adopts only what is on disk,
+        and a worker must never number messages the log could still take back."""
+        first_seq = self.log.last_seq(self.job.id) + 1
+        await self.log.wait_committed(self.job.id, first_seq - 1)
+        return first_seq
+
     @abstractmethod
     async def request_cancel(self) -> None:
         """Ask the work to stop; ``run`` then returns once it has verifiably stopped."""

@@ -211,8 +211,7 @@ class DockerExecution(JobExecution):
     async def run(self) -> Outcome:
         if self._cancel_requested:
             return Outcome(JobStatus.CANCELLED)
-        first_seq = self.log.last_seq(self.job.id) + 1
-        await self.log.wait_committed(self.job.id, first_seq - 1)
+        first_seq = await self.first_worker_seq()
         try:
             client = await _call(_client, self.config.docker_host)
             with trio.CancelScope(shield=True):  # a created container must get its handle

@@ -326,9 +326,7 @@ class SubprocessExecution(JobExecution):
     async def run(self) -> Outcome:
         if self._cancel_requested:
             return Outcome(JobStatus.CANCELLED)
-        first_seq = self.log.last_seq(self.job.id) + 1
-        # `running` must be on disk before a worker exists: a restart re-adopts running jobs.
-        await self.log.wait_committed(self.job.id, first_seq - 1)
+        first_seq = await self.first_worker_seq()
         request = {
             "job_id": self.job.id,
             "first_seq": first_seq,

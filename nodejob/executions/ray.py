@@ -221,9 +221,7 @@ class RayExecution(JobExecution):
             try:
                 if self._cancelled():  # while it waited: Ray never saw it
                     return Outcome(JobStatus.CANCELLED)
-                first_seq = self.log.last_seq(self.job.id) + 1
-                # What came before must be on disk before a worker numbers what follows.
-                await self.log.wait_committed(self.job.id, first_seq - 1)
+                first_seq = await self.first_worker_seq()
                 self._handle = {
                     "address": ray.address,
                     "submission_id": self.job.id,
