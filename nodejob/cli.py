@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (8787); 0 picks a free one")
     serve.add_argument("--max-jobs", type=int, help="concurrently running jobs")
-    serve.add_argument("--ring-size", type=int, help="messages kept in memory per job")
+    serve.add_argument(
+        "--ring-size", type=int, help="messages kept per job in the database (the ring; 10000)"
+    )
     serve.add_argument("--strategy", choices=strategies, help="default execution strategy")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 TAIL_MAX: Final = 512
 """Messages per job kept in memory for fast live reads (older ones are read from SQLite).
-Small on purpose: it is paid per running job, and ten thousand jobs must stay in tens of MB."""
+Small on purpose: it is paid per chatty running job (up to ~130 KB each), and it is dropped once
+the job has finished."""
 READ_BATCH: Final = 2000
 """Messages a reader takes per step, from memory or from one query."""
 HIGH_WATER: Final = 50_000
@@ -109,6 +110,8 @@ class MessageLog:
         self._batches_total = 0
         self._commit_errors_total = 0
         self._failing: str | None = None
+        self._finished: list[_JobState] = []
+        """Jobs that finished in the last commit: their tails are dropped at the next one."""
 
     # -- producing ------------------------------------------------------------------------
 
@@ -236,6 +239,11 @@ class MessageLog:
     async def _flush(self, give_up_at: float = math.inf) -> bool:
         """Commit the queued batch, retrying while the database refuses it; False if it was
         given up (only once ``give_up_at`` has passed: at shutdown)."""
+        # Tails of jobs that finished in the previous commit: their followers, woken by that
+        # commit, have read the end from memory by now (if not, SQLite serves them).
+        for finished in self._finished:
+            finished.tail = []
+        self._finished = []
         batch, dirty = self._batch, self._dirty
         self._batch, self._dirty = Batch(), {}
         self._wakeup = trio.Event()
@@ -289,7 +297,8 @@ class MessageLog:
                 # A finished job's stream is complete in SQLite: late readers replay it from
                 # there. Keeping its tail would hold up to TAIL_MAX (+25%) messages of every
                 # finished job in memory until the registry forgets it (an hour by default).
-                state.tail = []
+                # It goes at the next commit, so the followers woken now still read from memory.
+                self._finished.append(state)
             state.notify()
         self._flushed.set()
         self._flushed = trio.Event()
