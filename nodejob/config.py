@@ -60,11 +60,18 @@ class Config:
     """The Docker engine (NODEJOB_DOCKER_HOST); empty: DOCKER_HOST, else the local socket."""
     docker_user: str = "65534:65534"
     """uid:gid that docker workers run as (NODEJOB_DOCKER_USER); never root by default."""
+    docker_reconnect_s: float = 120.0
+    """How long a docker job waits for a Docker engine that went away (restarted, crashed)
+    before it fails (NODEJOB_DOCKER_RECONNECT_S); asked again with backoff meanwhile."""
     worker_env: str = ""
     """Comma-separated names of server environment variables that out-of-process workers
     also get (NODEJOB_WORKER_ENV); workers otherwise see only a minimal environment."""
     allowed_origins: tuple[str, ...] = ()
     """Extra WebSocket Origins allowed besides the server's own (NODEJOB_ALLOWED_ORIGINS, comma-separated)."""
+    peer_timeout_s: float = 60.0
+    """A client connection whose peer stops acknowledging (host gone, network cut, or a
+    reader that stopped reading) for this long is dropped (NODEJOB_PEER_TIMEOUT_S): TCP
+    keepalive probes an idle one, TCP_USER_TIMEOUT bounds unacknowledged data."""
 
     @property
     def db_path(self) -> Path:
@@ -82,7 +89,7 @@ class Config:
         for f in fields(cls):
             raw = os.environ.get(f"NODEJOB_{f.name.upper()}")
             if raw is not None and f.name != "home":
-                values[f.name] = _coerce(f.name, raw)
+                values[f.name] = _coerce(f.name, str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "home" in values:
             values["home"] = Path(values["home"]).expanduser()
@@ -91,22 +98,12 @@ class Config:
         return replace(config, **values)
 
 
-_INTS: Final = {"port", "max_jobs", "ring_size", "docker_pids"}
-_FLOATS: Final = {
-    "cleanup_interval_s",
-    "cleanup_max_age_s",
-    "retention_s",
-    "docker_cpus",
-    "kill_grace_s",
-    "ray_num_cpus",
-}
-
-
-def _coerce(name: str, raw: str) -> Any:
+def _coerce(name: str, kind: str, raw: str) -> Any:
+    """``raw`` as the field's declared type (a string: annotations are not evaluated)."""
     try:
-        if name in _INTS:
+        if kind == "int":
             return int(raw)
-        if name in _FLOATS:
+        if kind == "float":
             return float(raw)
     except ValueError:
         raise ValueError(f"NODEJOB_{name.upper()} must be a number, not {raw!r}") from None

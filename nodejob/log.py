@@ -30,6 +30,7 @@ from nodejob.protocol import (
     MessageType,
     ProtocolError,
     dumps,
+    encode_message,
     gap_message,
 )
 from nodejob.store import Batch, Entry, JobRecord, Store, StoreError, StoreUnavailable
@@ -156,7 +157,7 @@ class MessageLog:
             raise RuntimeError(f"job {state.job_id} already ended; message refused: {message}")
         kind = message["type"]
         full = {"type": kind, "job_id": state.job_id, "seq": seq, **message}
-        text = dumps(full)
+        text = encode_message(full)  # may raise MessageTooLarge: nothing is logged then
         state.next_seq = seq + 1
         entry = Entry(seq, kind, text)
         tail = state.tail

@@ -28,6 +28,7 @@ from nodejob.log import MessageLog
 from nodejob.protocol import (
     ExecutionStrategy,
     JobStatus,
+    MessageTooLarge,
     MessageType,
     ProcessingContext,
     RunJobRequest,
@@ -185,7 +186,12 @@ class JobExecutionManager:
         elif outcome.status is JobStatus.COMPLETED:
             message["result"] = {"outputs": outcome.outputs or {}}
         try:
-            self.log.append(live.job.id, message)
+            try:
+                self.log.append(live.job.id, message)
+            except MessageTooLarge as exc:  # outputs each within the limit, but not together
+                error = f"the job's outputs do not fit in its last message: {exc}"
+                self.log.append(live.job.id, {**_job_update(JobStatus.FAILED), "error": error})
+                outcome = Outcome(JobStatus.FAILED, error=error)
         except Exception:
             # Never let one job's bookkeeping take the supervisor (and the server) down.
             logger.exception("job %s: could not log its terminal update", live.job.id)
@@ -226,6 +232,7 @@ class JobExecutionManager:
         return {
             "jobs_running": sum(j.launched for j in live),
             "jobs_starting": sum(not j.launched for j in live),
+            "jobs_in_memory": len(self._live),
             "jobs_started_total": dict(self._started),
             "jobs_finished_total": dict(self._finished),
         }

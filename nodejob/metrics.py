@@ -33,6 +33,8 @@ LABEL_NAMES: Final = {
 HELP: Final = {
     "jobs_running": "Jobs currently running.",
     "jobs_starting": "Jobs accepted and waiting for a slot or launching.",
+    "jobs_in_memory": "Jobs in the in-memory registry: unfinished ones, and finished ones the "
+    "cleanup has not yet forgotten.",
     "jobs_started_total": "Jobs started, by execution strategy.",
     "jobs_finished_total": "Jobs that reached a terminal state, by status.",
     "ws_connections_open": "Open WebSocket connections.",

@@ -80,6 +80,15 @@ class ProtocolError(ValueError):
     """A client sent something the protocol does not allow; the message says what."""
 
 
+MAX_MESSAGE_BYTES: Final = 1024 * 1024
+"""The largest stream message, encoded: the WebSocket frame limit a client is asked to
+accept (RFC 6455 clients commonly default to 1 MiB), so every stored message can be sent."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A job tried to emit a message over MAX_MESSAGE_BYTES; nothing was logged."""
+
+
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 """Strict JSON: NaN and Infinity are not JSON, and a client must never receive them."""
 
@@ -92,6 +101,23 @@ def dumps(obj: Any) -> str:
     """Compact JSON, the one encoding used on the wire, in the log and in the database."""
     # One encoder for the process: json.dumps with options builds a new one per call.
     return _ENCODER.encode(obj)
+
+
+def encode_message(message: dict[str, Any]) -> str:
+    """``dumps(message)``, refused with MessageTooLarge past MAX_MESSAGE_BYTES of UTF-8.
+
+    The length of the text bounds its UTF-8 size from below and a quarter of it from above,
+    so only messages near the limit are encoded to bytes to be measured.
+    """
+    text = _ENCODER.encode(message)
+    if len(text) > MAX_MESSAGE_BYTES // 4:
+        size = len(text.encode())
+        if size > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(
+                f"a {message.get('type', 'job')} message of {size:,} bytes is over the "
+                f"limit of {MAX_MESSAGE_BYTES:,} bytes per message"
+            )
+    return text
 
 
 def loads(text: str | bytes) -> Any:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    import httpx
+
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -126,6 +128,14 @@ async def poll_until(
     with trio.fail_after(seconds):
         while not await check():  # noqa: ASYNC110 - another process's state: no event exists
             await trio.sleep(interval)
+
+
+async def metric(http: httpx.AsyncClient, name: str) -> float:
+    """The value of an unlabelled metric on the server's ``/metrics``."""
+    text = (await http.get("/metrics")).text
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"no {name} in /metrics"
+    return float(match.group(1))
 
 
 def rss_kib(pid: int | str = "self") -> int:

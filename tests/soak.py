@@ -31,7 +31,15 @@ from typing import Any
 import httpx
 import trio
 
-from tests.hardening import TERMINAL, RawWebSocket, WsClosed, emitter, rss_kib, start_server_process
+from tests.hardening import (
+    TERMINAL,
+    RawWebSocket,
+    WsClosed,
+    emitter,
+    metric,
+    rss_kib,
+    start_server_process,
+)
 
 SAMPLE_S = 5.0
 
@@ -171,17 +179,32 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def db_bytes(home: Path) -> int:
+    """The database's size on disk, with its write-ahead log."""
+    files = (home / "nodejob.db", home / "nodejob.db-wal")
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
 async def soak(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     home = Path(args.home or tempfile.mkdtemp(prefix="nodejob-soak-")) / "home"
-    server = await start_server_process(home, "--ring-size", str(args.ring_size))
+    env = dict(os.environ)
+    if args.cleanup_s:
+        # Let the registry cleanup and the message retention pass many times in the run.
+        env["NODEJOB_CLEANUP_INTERVAL_S"] = env["NODEJOB_CLEANUP_MAX_AGE_S"] = str(args.cleanup_s)
+        env["NODEJOB_RETENTION_S"] = str(args.cleanup_s * 5)
+    server = await start_server_process(home, "--ring-size", str(args.ring_size), env=env)
     tally = Tally()
     samples: list[dict[str, Any]] = []
     started = time.monotonic()
     print(f"# soak: {args.minutes} min, server {server.url}, home {home}", flush=True)
-    print("elapsed_s,rss_mib,fds,jobs_started,jobs_followed,reattaches,messages,violations")
+    print(
+        "elapsed_s,rss_mib,fds,db_mib,jobs_in_memory,"
+        "jobs_started,jobs_followed,reattaches,messages,violations"
+    )
+    http = httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60)
     try:
-        async with trio.open_nursery() as nursery:
+        async with http, trio.open_nursery() as nursery:
             nursery.start_soon(starter, server.url, server.token, tally, args.rate, rng)
             for _ in range(args.followers):
                 nursery.start_soon(follower, server.url, server.token, tally, rng)
@@ -195,6 +218,8 @@ async def soak(args: argparse.Namespace) -> int:
                     "elapsed_s": round(time.monotonic() - started),
                     "rss_mib": round(rss_kib(server.pid) / 1024, 1),
                     "fds": open_fds(server.pid),
+                    "db_mib": round(db_bytes(home) / 2**20, 1),
+                    "jobs_in_memory": int(await metric(http, "nodejob_jobs_in_memory")),
                     "jobs_started": tally.jobs_started,
                     "jobs_followed": tally.jobs_followed,
                     "reattaches": tally.reattaches,
@@ -216,6 +241,7 @@ async def soak(args: argparse.Namespace) -> int:
         "rss_mib_first": rss[0] if rss else None,
         "rss_mib_last": rss[-1] if rss else None,
         "rss_mib_max": max(rss) if rss else None,
+        "db_mib_last": samples[-1]["db_mib"] if samples else None,
         "jobs_started": tally.jobs_started,
         "jobs_followed_to_the_end": tally.jobs_followed,
         "reattaches": tally.reattaches,
@@ -245,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pollers", type=int, default=5)
     parser.add_argument("--ring-size", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--cleanup-s",
+        type=float,
+        default=0,
+        help="registry cleanup interval and max age (retention: 5x) for the server; "
+        "default: the server's own (300 s, 3600 s, 7 days)",
+    )
     parser.add_argument("--report", help="write the samples and summary here as JSON")
     parser.add_argument("--stop-on-violation", action="store_true")
     args = parser.parse_args(argv)

@@ -30,11 +30,13 @@ from nodejob.executions.stream import LineAssembler, StreamIngester, describe_ex
 from nodejob.log import MessageLog
 from nodejob.manager import SERVER_STOPPED, open_manager
 from nodejob.protocol import (
+    MAX_MESSAGE_BYTES,
     ExecutionStrategy,
     JobStatus,
     ProcessingContext,
     ProtocolError,
     RunJobRequest,
+    dumps,
     loads,
 )
 from nodejob.store import JobRecord, Store
@@ -49,6 +51,7 @@ ALL = ["threaded", *OUT_OF_PROCESS]
 CTX = ProcessingContext(user_id="u1")
 EXAMPLES = Path(__file__).parent.parent / "examples"
 GRACE_S = 3.0
+MiB = 1024 * 1024
 DEADLINE_S = 60.0
 """Generous: a docker job's container start alone takes ~0.4 s on a quiet machine."""
 
@@ -261,6 +264,72 @@ async def test_failing_node_fails_the_job_with_its_message(config, store, strate
     assert_whole(messages, "failed")
     assert messages[-1]["error"] == "boom"
     assert {"node_id": "f", "status": "failed", "error": "boom"}.items() <= messages[-2].items()
+
+
+def too_large(case: str) -> dict[str, Any]:
+    """A graph whose job produces a message over MAX_MESSAGE_BYTES in one of three ways."""
+    if case == "log line":
+        return {"nodes": [{"id": "e", "type": "nodejob.Emit", "data": {"count": 1, "size": MiB}}]}
+    third = "x" * (MiB // 3)  # the request itself stays well under the 1 MiB body limit
+    nodes: list[dict[str, Any]] = [
+        {"id": "c", "type": "nodejob.Constant", "data": {"value": third}},
+        {"id": "double", "type": "nodejob.Add", "data": {}},  # 2/3 MiB: fits
+    ]
+    edges = [
+        {"source": "c", "target": "double", "targetHandle": "a"},
+        {"source": "c", "target": "double", "targetHandle": "b"},
+    ]
+    if case == "node result":
+        nodes.append({"id": "quad", "type": "nodejob.Add", "data": {}})  # 4/3 MiB: too large
+        edges += [
+            {"source": "double", "target": "quad", "targetHandle": "a"},
+            {"source": "double", "target": "quad", "targetHandle": "b"},
+        ]
+    else:  # "outputs": each output fits, the two together in the last message do not
+        for name in ("one", "two"):
+            nodes.append({"id": name, "type": "nodejob.Output", "data": {"name": name}})
+            edges.append({"source": "double", "target": name, "targetHandle": "value"})
+    return {"nodes": nodes, "edges": edges}
+
+
+@pytest.mark.parametrize("case", ["log line", "node result", "outputs"])
+@pytest.mark.parametrize("strategy", ALL)
+async def test_a_message_over_the_limit_fails_its_node_and_nothing_breaks(
+    config, store, strategy, case
+):
+    """No stored message exceeds MAX_MESSAGE_BYTES (so every one fits a client's 1 MiB frame):
+    a node that tries fails with a clear error, or the job does if only its outputs together
+    are too large; the stream stays whole and the next job runs."""
+    async with open_manager(store, config) as manager:
+        job = await manager.start_job(run(too_large(case), strategy), CTX)
+        with trio.fail_after(DEADLINE_S):
+            messages = await collect(manager, job.id)
+        assert_whole(messages, "failed")
+        error = messages[-1]["error"]
+        limit = f"over the limit of {MAX_MESSAGE_BYTES:,} bytes per message"
+        if case == "outputs":
+            assert error.startswith(
+                "the job's outputs do not fit in its last message: a job_update"
+            )
+            assert limit in error
+            assert {m["output_name"] for m in messages if m["type"] == "output_update"} == {
+                "one",
+                "two",
+            }
+        else:
+            node, kind = ("e", "log_update") if case == "log line" else ("quad", "node_update")
+            failed = [m for m in messages if m["type"] == "node_update" and m["status"] == "failed"]
+            assert [m["node_id"] for m in failed] == [node]
+            assert failed[0]["error"] == error
+            assert error.startswith(f"a {kind} message of ")
+            assert error.endswith(limit)
+        assert max(len(dumps(m).encode()) for m in messages) <= MAX_MESSAGE_BYTES
+        next_job = await manager.start_job(run(chatter(3), strategy), CTX)
+        with trio.fail_after(DEADLINE_S):
+            assert_whole(await collect(manager, next_job.id), "completed")
+    row = await store.get_job(job.id)
+    assert row is not None
+    assert (row.status, row.error) == ("failed", error)
 
 
 @pytest.mark.parametrize("strategy", ALL)

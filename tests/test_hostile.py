@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ from tests.hardening import (
     TERMINAL,
     RawWebSocket,
     follow_job,
+    metric,
+    poll_until,
     rss_kib,
     start_server_process,
 )
@@ -650,6 +653,91 @@ async def test_slowloris_clients_are_dropped_and_everyone_else_is_served(tmp_pat
     assert "Traceback" not in server.stderr(), server.stderr()
 
 
+PEER_TIMEOUT_S = 2
+
+
+async def test_a_reader_that_stopped_reading_is_dropped_and_a_quiet_one_is_not(
+    tmp_path: Path,
+) -> None:
+    """A follower whose socket stays full (it stopped reading: suspended, hung) is dropped
+    after NODEJOB_PEER_TIMEOUT_S of zero window, freeing its connection; a quiet follower
+    that reads stays; the job goes on and a reattach gets all of it."""
+    env = {**os.environ, "NODEJOB_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S)}
+    server = await start_server_process(tmp_path / "home", env=env)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=server.headers) as http,
+            await RawWebSocket.open(server.url, server.token) as quiet,
+        ):
+            stalled = await RawWebSocket.open(server.url, server.token)
+            await stalled.command("run_job", graph=emitter_graph(5000, size=8000))
+            await poll_until(lambda: open_websockets(http, 2))
+            # 40 MB for a reader that reads nothing: the buffers fill, the window closes.
+            await poll_until(lambda: open_websockets(http, 1), seconds=120)
+            jobs = (await http.get("/api/jobs/", params={"limit": 1})).json()
+            await quiet.command("reconnect_job", job_id=jobs[0]["id"])
+            stream = await follow_job(quiet, jobs[0]["id"])
+            await stalled._stream.aclose()
+    finally:
+        code = await server.stop()
+    assert stream[-1]["status"] == "completed"
+    assert [m["seq"] for m in stream] == list(range(1, len(stream) + 1))
+    assert code == 0
+    assert "Traceback" not in server.stderr(), server.stderr()
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="iptables is not installed")
+async def test_a_peer_that_vanished_is_dropped(tmp_path: Path) -> None:
+    """A follower whose host is gone (its packets dropped by a firewall rule: no FIN, no RST)
+    is dropped after NODEJOB_PEER_TIMEOUT_S by keepalive probes, while idle, and by the
+    unacknowledged data of its job's stream, while streaming; a live idle one stays."""
+    env = {**os.environ, "NODEJOB_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S)}
+    server = await start_server_process(tmp_path / "home", env=env)
+    port = int(server.url.rsplit(":", 1)[1])
+    rules: list[list[str]] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=server.headers) as http,
+            await RawWebSocket.open(server.url, server.token) as quiet,
+        ):
+            idle = await RawWebSocket.open(server.url, server.token)
+            streaming = await RawWebSocket.open(server.url, server.token)
+            await streaming.command("run_job", graph=emitter_graph(800, interval=0.01))
+            job_id = (await streaming.reply())["job_id"]
+            await streaming.receive()
+            await poll_until(lambda: open_websockets(http, 3))
+            for ws in (idle, streaming):
+                client_port = ws._stream.socket.getsockname()[1]
+                rule = ["INPUT", "-p", "tcp", "-s", "127.0.0.1", "--sport", str(client_port)]
+                rule += ["--dport", str(port), "-j", "DROP"]
+                if not await iptables("-I", *rule):
+                    pytest.skip("iptables cannot add rules here (no CAP_NET_ADMIN?)")
+                rules.append(rule)
+            await poll_until(lambda: open_websockets(http, 1), seconds=120)
+            await quiet.command("reconnect_job", job_id=job_id)
+            stream = await follow_job(quiet, job_id)
+            await idle._stream.aclose()
+            await streaming._stream.aclose()
+    finally:
+        for rule in rules:
+            await iptables("-D", *rule)
+        code = await server.stop()
+    assert stream[-1]["status"] == "completed"
+    assert [m["seq"] for m in stream] == list(range(1, len(stream) + 1))
+    assert code == 0
+    assert "Traceback" not in server.stderr(), server.stderr()
+
+
+async def open_websockets(http: httpx.AsyncClient, count: int) -> bool:
+    return await metric(http, "nodejob_ws_connections_open") == count
+
+
+async def iptables(*args: str) -> bool:
+    """Run ``iptables -w ARGS``; whether it succeeded."""
+    done = await trio.run_process(["iptables", "-w", *args], check=False, capture_stderr=True)
+    return done.returncode == 0
+
+
 async def test_a_closed_socket_mid_stream_harms_no_job(server: Server) -> None:
     """A client that vanishes (no close frame) while its job streams: the job goes on."""
     ws = await RawWebSocket.open(server.url, server.token)
@@ -685,5 +773,6 @@ def sleeper(seconds: float = 60) -> dict[str, Any]:
     return {"nodes": [{"id": "s", "type": "nodejob.Sleep", "data": {"seconds": seconds}}]}
 
 
-def emitter_graph(count: int) -> dict[str, Any]:
-    return {"nodes": [{"id": "e", "type": "nodejob.Emit", "data": {"count": count, "size": 20}}]}
+def emitter_graph(count: int, size: int = 20, interval: float = 0) -> dict[str, Any]:
+    data = {"count": count, "size": size, "interval": interval}
+    return {"nodes": [{"id": "e", "type": "nodejob.Emit", "data": data}]}

@@ -47,7 +47,13 @@ import signal
 from typing import TYPE_CHECKING, Any, Final
 
 from nodejob.executions.base import Outcome
-from nodejob.protocol import JobStatus, MessageType, ProtocolError, is_terminal_update
+from nodejob.protocol import (
+    MAX_MESSAGE_BYTES,
+    JobStatus,
+    MessageType,
+    ProtocolError,
+    is_terminal_update,
+)
 
 if TYPE_CHECKING:
     from nodejob.log import MessageLog
@@ -55,8 +61,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE_BYTES: Final = 64 * 1024 * 1024
-"""A line longer than this is not a worker's message: the stream is given up as corrupt."""
+MAX_LINE_BYTES: Final = MAX_MESSAGE_BYTES + 1
+"""A line longer than this (one message and its newline) is not a worker's message: no
+worker writes one, so the stream is given up as corrupt."""
 WARN_SKIPPED: Final = 5
 """Skipped lines logged one by one per stream; after that only every 1000th."""
 

@@ -33,6 +33,7 @@ from nodejob.manager import open_manager
 from nodejob.metrics import ServerStats
 from nodejob.protocol import EXIT_USAGE, MAX_FRAME_BYTES, dumps
 from nodejob.server import rest, sse, ws
+from nodejob.server.listen import ListenConfig
 from nodejob.server.ws import store_unavailable
 from nodejob.store import Store, StoreError
 
@@ -278,7 +279,8 @@ class ServerShim:
 
 
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:
-    hc = hypercorn.config.Config()
+    hc = ListenConfig()
+    hc.peer_timeout_s = config.peer_timeout_s  # dead peers: see server/listen.py
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
     hc.websocket_max_message_size = MAX_FRAME_BYTES
@@ -288,7 +290,7 @@ def _hypercorn_config(config: Config) -> hypercorn.config.Config:
     # MAX_HEAD_BYTES. No read_timeout: it would also cut WebSocket followers that are quiet
     # on purpose. No websocket_ping_interval either: hypercorn's ping task sleeps out its
     # interval after the socket closed, holding every closed connection (and shutdown, up to
-    # GRACEFUL_TIMEOUT_S) that long.
+    # GRACEFUL_TIMEOUT_S) that long; the kernel watches for dead peers instead (listen.py).
     hc.keep_alive_timeout = KEEP_ALIVE_S
     hc.h11_max_incomplete_size = MAX_HEAD_BYTES
     hc.accesslog = None

@@ -115,8 +115,7 @@ class NodeContext:
     def _store_output(self, name: str, value: Any) -> None:
         if name in self._outputs:
             raise ValueError(f"output {name!r} was already set by another node")
-        self._outputs[name] = value
-        self._emitter.emit(
+        self._emitter.emit(  # first: a value too large to send is refused here, not kept
             {
                 "type": MessageType.OUTPUT_UPDATE.value,
                 "node_id": self.node_id,
@@ -124,6 +123,7 @@ class NodeContext:
                 "value": value,
             }
         )
+        self._outputs[name] = value
 
 
 class _ThreadContext(NodeContext):
