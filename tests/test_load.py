@@ -116,6 +116,96 @@ async def test_a_thousand_followers_of_a_hundred_jobs_each_get_every_message_onc
     )
 
 
+SLOW_READERS = 5
+FAST_READERS = 20
+BIG_JOB = 6000
+"""log_update messages of 1000 characters, 0.5 ms apart: six times the ring of the server."""
+RING = 1000
+
+
+async def test_slow_readers_never_hold_back_the_job_or_the_fast_readers(tmp_path: Path) -> None:
+    """One chatty job, followed by fast readers and by slow ones (~100 messages a second).
+
+    The job and the fast readers run at full speed: when the first fast reader sees the
+    terminal update, every slow reader is still far behind. The slow readers then get the
+    rest at their own pace: each seq once, in order, with a ``gap`` for exactly the seqs that
+    left the ring while they lagged, never a silent skip. Server memory stays bounded.
+    """
+    server = await start_server_process(tmp_path / "home", "--ring-size", str(RING))
+    progress: dict[str, int] = {}
+    when_fast_done: list[int] = []
+    """How far each slow reader had read when the first fast reader saw the end."""
+    streams: dict[str, list[dict[str, Any]]] = {}
+    rss_before = rss_kib(server.pid)
+    rss_peak = rss_before
+    try:
+        async with await RawWebSocket.open(server.url, server.token) as starter:
+            graph = emitter(BIG_JOB, size=1000, interval=0.0005, delay=1)
+            await starter.command("run_job", graph=graph)
+            job_id = (await starter.reply())["job_id"]
+
+        async def reader(name: str, slow: bool) -> None:
+            nonlocal rss_peak
+            seen: list[dict[str, Any]] = []
+            async with await RawWebSocket.open(server.url, server.token) as ws:
+                await ws.command("reconnect_job", job_id=job_id)
+                await ws.reply()
+                while (
+                    seen[-1:] == []
+                    or seen[-1]["type"] != "job_update"
+                    or (seen[-1]["status"] not in TERMINAL)
+                ):
+                    seen.append(await ws.receive())
+                    progress[name] = len(seen)
+                    if slow and len(seen) % 5 == 0:
+                        await trio.sleep(0.05)  # the reader is slow; not a synchronisation
+                        rss_peak = max(rss_peak, rss_kib(server.pid))
+            if not slow and not when_fast_done:
+                when_fast_done.extend(progress.get(f"slow{i}", 0) for i in range(SLOW_READERS))
+            streams[name] = seen
+
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+                for index in range(SLOW_READERS):
+                    nursery.start_soon(reader, f"slow{index}", True)
+                for index in range(FAST_READERS):
+                    nursery.start_soon(reader, f"fast{index}", False)
+        rss_peak = max(rss_peak, rss_kib(server.pid))
+    finally:
+        code = await server.stop()
+    assert code == 0
+    assert len(streams) == SLOW_READERS + FAST_READERS
+    last_seq = streams["fast0"][-1]["seq"]
+    gaps = {}
+    for name, seen in streams.items():
+        expected = 1
+        for message in seen:
+            if message["type"] == "gap":
+                assert message["from_seq"] == expected, name
+                expected = message["to_seq"] + 1
+            else:
+                assert message["seq"] == expected, name
+                expected += 1
+        assert seen[-1]["status"] == "completed", name
+        assert seen[-1]["seq"] == last_seq, name
+        gaps[name] = sum(m["type"] == "gap" for m in seen)
+    assert all(gaps[f"fast{i}"] == 0 for i in range(FAST_READERS)), gaps
+    assert all(gaps[f"slow{i}"] >= 1 for i in range(SLOW_READERS)), gaps
+    assert max(when_fast_done) < last_seq // 2, when_fast_done
+    grown_mib = (rss_peak - rss_before) / 1024
+    assert grown_mib < 128, f"the readers grew the server by {grown_mib:.0f} MiB"
+    assert "Traceback" not in server.stderr(), server.stderr()
+    figures(
+        "slow readers",
+        job_messages=last_seq,
+        ring=RING,
+        slow_readers_progress_when_the_first_fast_one_was_done=when_fast_done,
+        slow_reader_gaps=[gaps[f"slow{i}"] for i in range(SLOW_READERS)],
+        server_rss_mib_before=round(rss_before / 1024, 1),
+        server_rss_mib_peak=round(rss_peak / 1024, 1),
+    )
+
+
 def insert_history(home: Path, count: int) -> str:
     """``count`` finished jobs of user local, through the store's own group-commit path; each
     with its three job_update messages. Returns the user's id."""
