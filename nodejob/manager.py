@@ -90,6 +90,7 @@ class JobExecutionManager:
         self._started: Counter[str] = Counter()
         self._finished: Counter[str] = Counter()
         self._stopping = False
+        self._docker_seen = False
 
     @classmethod
     def get_instance(cls) -> JobExecutionManager:
@@ -257,15 +258,30 @@ class JobExecutionManager:
 
     async def _cleanup_loop(self, interval_seconds: float) -> None:
         while True:
+            await self._sweep_containers()  # first at start-up, after recovery
             await trio.sleep(interval_seconds)
             self.cleanup_completed_jobs(self.config.cleanup_max_age_s)
             await self.store.purge_messages(time.time() - self.config.retention_s)
+
+    async def _sweep_containers(self) -> None:
+        """Remove the containers that finished or unknown jobs of this home left behind (see
+        ``executions/container.py``), once this process has docker jobs (started or
+        re-adopted): a server that runs none never loads the Docker SDK."""
+        if not (self._docker_seen or self._started[ExecutionStrategy.DOCKER.value]):
+            return
+        try:
+            from nodejob.executions.engine import sweep_containers
+
+            await sweep_containers(self.store, self.config)
+        except Exception:  # housekeeping must never take the supervisor (and the server) down
+            logger.exception("container sweep failed")
 
     async def recover(self) -> None:
         """Settle the unfinished jobs an earlier server process left in the database."""
         for job in await self.store.unfinished_jobs():
             self.log.adopt(job)
             strategy = ExecutionStrategy(job.execution_strategy)
+            self._docker_seen |= strategy is ExecutionStrategy.DOCKER
             try:
                 cls = execution_class(strategy)
                 graph = validate_graph(job.graph or {}, default_registry())

@@ -17,24 +17,31 @@ start and the message log drops the seqs it already has. The exit code gives the
 there is no terminal line. Cancel: ``stop`` (SIGTERM, then SIGKILL after ``kill_grace_s``).
 The container is removed once its messages are committed and its outcome is recorded.
 
-The only module that imports docker. Every SDK call runs in a worker thread
-(``trio.to_thread.run_sync(..., abandon_on_cancel=True)`` under a CapacityLimiter).
+The engine may go away while a container runs (dockerd restarted, crashed): following then asks
+it again with backoff for ``docker_reconnect_s`` and, once it answers, reads the log again from
+its start. A container that ran on (``--live-restore``) is followed on, nothing lost or doubled;
+one that the engine stopped makes the job ``failed`` with "the container was stopped while the
+Docker engine stopped or restarted (exit code N)", unless the worker finished first or nodejob
+itself was stopping it (a cancel: then ``cancelled``). An engine that does not come back in time
+fails the job ("lost the Docker engine ..."), a cancelled one with "cancelled, but the container
+could not be verified stopped: ...". ``sweep_containers`` removes what jobs left behind.
+
+With ``engine.py`` (clients, calls in threads, the log pump, the sweep), the only module that
+imports docker.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
-import os
+import math
 import shutil
-import socket
-import threading
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
 
+from nodejob.executions import engine
 from nodejob.executions.base import ExecutionUnavailable, JobExecution, Outcome
 from nodejob.executions.process import job_dir, passed_env
 from nodejob.executions.stream import (
@@ -55,143 +62,16 @@ except ImportError as exc:  # pragma: no cover - docker is a dependency; a trimm
     ) from exc
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
+
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-CONNECT_TIMEOUT_S: Final = 10.0
-"""Timeout of ordinary SDK calls (log streams have none)."""
 BUNDLE_TARGET: Final = "/nodejob/worker.pyz"
 REQUEST_TARGET: Final = "/nodejob/request.json"
-LABEL: Final = "nodejob.job_id"
 TMPFS: Final = {"/tmp": "rw,noexec,nosuid,size=64m"}
 STDERR_TAIL_LINES: Final = 20
-_CALLS: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("docker_calls")
-_STREAMS: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("docker_streams")
-_clients: dict[str, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _limiter(var: trio.lowlevel.RunVar[trio.CapacityLimiter], size: int) -> trio.CapacityLimiter:
-    try:
-        return var.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(size)
-        var.set(limiter)
-        return limiter
-
-
-async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one blocking SDK call in a thread (abandoned, not waited for, on cancel)."""
-    return await trio.to_thread.run_sync(
-        functools.partial(fn, *args, **kwargs), abandon_on_cancel=True, limiter=_limiter(_CALLS, 8)
-    )
-
-
-def _client(base_url: str) -> Any:
-    """A DockerClient for ``base_url`` ('' = DOCKER_HOST or the local socket), cached.
-
-    Connects at once (the SDK asks the engine's API version), so an unreachable engine is an
-    ExecutionUnavailable here, after at most CONNECT_TIMEOUT_S, never a hang later.
-    """
-    with _clients_lock:
-        client = _clients.get(base_url)
-        if client is not None:
-            return client
-        where = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        try:
-            if where.startswith("unix://"):
-                _check_socket(where.removeprefix("unix://"))
-            if base_url:
-                client = docker.DockerClient(base_url=base_url, timeout=CONNECT_TIMEOUT_S)
-            else:
-                client = docker.from_env(timeout=CONNECT_TIMEOUT_S)
-        except (docker.errors.DockerException, OSError) as exc:
-            raise ExecutionUnavailable(
-                f"no Docker engine reachable at {where} ({exc}); start one, or point "
-                "NODEJOB_DOCKER_HOST / DOCKER_HOST at it"
-            ) from None
-        _clients[base_url] = client
-        return client
-
-
-def _check_socket(path: str) -> None:
-    """Connect to a unix socket once; OSError if nothing listens there.
-
-    Done before the SDK tries, because its unix transport leaves the socket of a failed
-    connection unclosed.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(CONNECT_TIMEOUT_S)
-        probe.connect(path)
-
-
-class _LogPump:
-    """A container's stdout log, read by a thread and handed to trio in batches.
-
-    The thread appends frames to a deque and schedules one wakeup of the trio side when it
-    has none pending; the trio side takes everything queued per wakeup. Appending before
-    checking ``_scheduled`` (and the trio side clearing it before it drains) means no frame
-    is ever left behind without a wakeup.
-    """
-
-    def __init__(self, container: Any) -> None:
-        self._container = container
-        self._frames: collections.deque[bytes] = collections.deque()
-        self._token = trio.lowlevel.current_trio_token()
-        self._event = trio.Event()
-        self._scheduled = False
-        self._stream: Any = None
-        self._closed = False
-        self.done = False
-        self.error: Exception | None = None
-
-    def read(self) -> None:
-        """(In a thread.) Follow the log until the container's stdout ends or ``close``."""
-        try:
-            stream = self._container.logs(stream=True, follow=True, stdout=True, stderr=False)
-            self._stream = stream
-            if self._closed:
-                stream.close()
-                return
-            for frame in stream:
-                self._frames.append(frame)
-                self._poke()
-        except Exception as exc:  # raised on the trio side, outside the reader's nursery
-            self.error = exc
-        finally:
-            self.done = True
-            self._poke()
-
-    def _poke(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            with contextlib.suppress(trio.RunFinishedError):  # the server has stopped
-                self._token.run_sync_soon(self._wake)
-
-    def _wake(self) -> None:
-        self._scheduled = False
-        self._event.set()
-
-    def take(self) -> list[bytes]:
-        """(In trio.) Everything queued so far."""
-        self._event = trio.Event()
-        frames = list(self._frames)
-        for _ in frames:
-            self._frames.popleft()
-        return frames
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-    def close(self) -> None:
-        """Stop following: the reading thread's blocked read ends at once."""
-        self._closed = True
-        if self._stream is not None:
-            self._stream.close()
+ENGINE_STOPPED: Final = "the container was stopped while the Docker engine stopped or restarted"
 
 
 class DockerExecution(JobExecution):
@@ -203,6 +83,14 @@ class DockerExecution(JobExecution):
     _nursery: trio.Nursery | None = None
     _container: Any = None
     _handle: dict[str, Any] | None = None
+    _outage: engine.Backoff | None = None
+    """Set while the engine fails us; cleared once the container's log flows again."""
+    _exited_while_away = False
+    """The engine, back, said the container had exited: it may well have stopped it."""
+    _gone = False
+    _lost = False
+    _last_state: dict[str, Any] | None = None
+    """The container's state when following ended: it had exited."""
 
     @property
     def directory(self) -> Path:
@@ -213,7 +101,7 @@ class DockerExecution(JobExecution):
             return Outcome(JobStatus.CANCELLED)
         first_seq = await self.first_worker_seq()
         try:
-            client = await _call(_client, self.config.docker_host)
+            client = await engine.call(engine.client, self.config.docker_host)
             with trio.CancelScope(shield=True):  # a created container must get its handle
                 container = await self._launch(client, first_seq)
         except ExecutionUnavailable as exc:
@@ -243,14 +131,42 @@ class DockerExecution(JobExecution):
                 JobStatus.FAILED, error="the server stopped before the container started"
             )
         try:
-            client = await _call(_client, self.config.docker_host)
-            container = await _call(client.containers.get, container_id)
+            container = await self._reach_container(container_id)
         except docker.errors.NotFound:
             return Outcome(
                 JobStatus.FAILED,
                 error=f"container {container_id[:12]} is gone (removed outside nodejob)",
             )
+        except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
+            within = self.config.docker_reconnect_s
+            error = f"lost the Docker engine: {exc} (not back within {within:g} s)"
+            return Outcome(JobStatus.FAILED, error=error)
         return await self._follow(container)
+
+    async def _reach_container(self, container_id: str) -> Any:
+        """The container, asking with backoff while the engine does not answer (a server
+        restarted with the engine may start first), for ``docker_reconnect_s`` at most."""
+        backoff = engine.Backoff(self.config.docker_reconnect_s)
+        warned = False
+        while True:
+            try:
+                client = await engine.call(engine.client, self.config.docker_host)
+                return await engine.call(client.containers.get, container_id)
+            except docker.errors.NotFound:
+                raise
+            except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
+                if not warned:
+                    logger.warning(
+                        "job %s: cannot re-adopt container %s yet (%s); asking again for up "
+                        "to %g s",
+                        self.job.id,
+                        container_id[:12],
+                        exc,
+                        self.config.docker_reconnect_s,
+                    )
+                    warned = True
+                if not await backoff.wait():
+                    raise
 
     async def request_cancel(self) -> None:
         self._cancel_requested = True
@@ -262,16 +178,36 @@ class DockerExecution(JobExecution):
             self._nursery.start_soon(self._stop, self._container)
 
     async def _stop(self, container: Any) -> None:
-        """docker stop: SIGTERM to the worker, SIGKILL after the grace period."""
+        """docker stop: SIGTERM to the worker, SIGKILL after the grace period.
+
+        While the engine does not answer, asks again with backoff: a cancel during an engine
+        restart must still stop the work. Following owns this task and ends it when it gives
+        up on the engine (after ``docker_reconnect_s``).
+        """
         grace = max(1, round(self.config.kill_grace_s))
+        backoff = engine.Backoff(math.inf)
+        warned = False
         try:
-            await _call(container.stop, timeout=grace)
-        except docker.errors.NotFound:
-            pass
-        except (docker.errors.DockerException, OSError):
-            logger.exception("job %s: docker stop failed; killing", self.job.id)
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                await _call(container.kill)
+            while True:
+                try:
+                    await engine.call(container.stop, timeout=grace)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError:
+                    logger.exception("job %s: docker stop failed; killing", self.job.id)
+                    with contextlib.suppress(docker.errors.DockerException, OSError):
+                        await engine.call(container.kill)
+                except (docker.errors.DockerException, OSError) as exc:
+                    if not warned:
+                        logger.warning(
+                            "job %s: cannot stop the container yet: %s", self.job.id, exc
+                        )
+                        warned = True
+                    await backoff.wait()
+                    continue
+                return
+        finally:
+            self._stopping = False  # a later request (after an engine restart) stops it again
 
     async def _launch(self, client: Any, first_seq: int) -> Any:
         from nodejob.bundle import BundleError, worker_bundle_path
@@ -300,12 +236,12 @@ class DockerExecution(JobExecution):
         network = config.docker_network
         if self.job.resources.get("network") is True:
             network = "bridge" if network == "none" else network
-        container = await _call(
+        container = await engine.call(
             client.containers.create,
             config.docker_image,
             ["python3", "-I", BUNDLE_TARGET, "worker", "--request", REQUEST_TARGET],
             name=f"nodejob-{self.job.id}",
-            labels={LABEL: self.job.id, "nodejob.home": str(config.home)},
+            labels={engine.LABEL: self.job.id, engine.HOME_LABEL: str(config.home)},
             environment={**passed_env(config), "NODEJOB_JOB_ID": self.job.id},
             mounts=[
                 docker.types.Mount(BUNDLE_TARGET, str(bundle), type="bind", read_only=True),
@@ -328,9 +264,9 @@ class DockerExecution(JobExecution):
         self._handle = {"container_id": container.id, "dir": str(directory)}
         try:
             await self.store.set_handle(self.job.id, self._handle)
-            await _call(container.start)
+            await engine.call(container.start)
         except BaseException:
-            await _call(container.remove, force=True)
+            await engine.call(container.remove, force=True)
             raise
         return container
 
@@ -341,43 +277,121 @@ class DockerExecution(JobExecution):
         """
         self._container = container
         ingester = StreamIngester(self.log, self.job.id, source=f"container {container.short_id}")
-        broken: str | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self._cancel_requested:
                     self._start_stop()
-                try:
-                    while True:  # again if the stream broke off while the container runs
-                        broken = await self._ingest_log(container, ingester, nursery)
-                        state = await _call(self._state, container)
-                        if broken is not None or not state.get("Running"):
-                            break
-                except (docker.errors.DockerException, OSError) as exc:
-                    broken = f"lost the Docker engine while following the container: {exc}"
+                failure = await self._follow_to_end(container, ingester, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-        if broken is None:
-            ingester.end()
-        outcome = ingester.outcome
-        if broken is not None:
-            outcome = Outcome(JobStatus.FAILED, error=broken)
-        elif outcome is None:
-            if self._cancel_requested:
-                outcome = Outcome(JobStatus.CANCELLED)
-            else:
-                outcome = Outcome(JobStatus.FAILED, error=await self._exit_reason(container))
+        outcome = await self._settle(container, ingester, failure)
         await record_outcome(self.log, self.store, self.job.id, self._handle or {}, outcome)
         await self._remove(container.id)
         return outcome
+
+    async def _follow_to_end(
+        self, container: Any, ingester: StreamIngester, nursery: trio.Nursery
+    ) -> str | None:
+        """Read the log until the container has exited: None, or why following failed."""
+        while True:  # again if the stream broke off while the container runs
+            try:
+                broken = await self._ingest_log(container, ingester, nursery)
+                if broken is not None:
+                    return broken
+                state = await engine.call(self._state, container)
+            except (docker.errors.DockerException, OSError) as exc:
+                failure = await self._reach_again(container, exc)
+                if failure is not None:
+                    return failure
+                continue  # ran on or exited meanwhile: either way, its log from the start
+            if not state.get("Running"):
+                self._last_state = state
+                return None
+
+    async def _reach_again(self, container: Any, error: Exception) -> str | None:
+        """The engine failed us with ``error``: ask about the container until it answers.
+
+        None once it does; else why following ends: the container is gone, or the engine did
+        not answer within ``docker_reconnect_s`` of first failing (the log flowing again
+        starts a new count).
+        """
+        if self._outage is None:
+            self._outage = engine.Backoff(self.config.docker_reconnect_s)
+            logger.warning(
+                "job %s: lost the Docker engine while following container %s (%s); "
+                "asking again for up to %g s",
+                self.job.id,
+                container.short_id,
+                error,
+                self.config.docker_reconnect_s,
+            )
+        while await self._outage.wait():
+            try:
+                state = await engine.call(self._state, container)
+            except (docker.errors.DockerException, OSError) as exc:
+                error = exc
+                continue
+            if not state:
+                self._gone = True
+                return (
+                    f"container {container.short_id} is gone: "
+                    "removed while the Docker engine was unreachable"
+                )
+            logger.warning(
+                "job %s: the Docker engine answers again after %.1f s; container %s %s",
+                self.job.id,
+                trio.current_time() - self._outage.started,
+                container.short_id,
+                state.get("Status"),
+            )
+            self._exited_while_away = not state.get("Running")
+            if self._cancel_requested:
+                self._start_stop()  # unless a stop is still under way: it may have been lost
+            return None
+        self._lost = True
+        return (
+            f"lost the Docker engine while following the container: {error} "
+            f"(not back within {self.config.docker_reconnect_s:g} s)"
+        )
+
+    async def _settle(
+        self, container: Any, ingester: StreamIngester, failure: str | None
+    ) -> Outcome:
+        """The job's outcome, once following has ended (early, with a ``failure``, or not)."""
+        if failure is not None:
+            if self._cancel_requested and self._gone:
+                return Outcome(JobStatus.CANCELLED)  # no container, nothing runs
+            if self._cancel_requested and self._lost:
+                failure = f"cancelled, but the container could not be verified stopped: {failure}"
+            return Outcome(JobStatus.FAILED, error=failure)
+        outcome = ingester.end()
+        if self._cancel_requested:
+            return outcome or Outcome(JobStatus.CANCELLED)
+        stopped = outcome is None or outcome.status is JobStatus.CANCELLED
+        if stopped and await self._stopped_by_engine():
+            code = (self._last_state or {}).get("ExitCode", "unknown")
+            return Outcome(JobStatus.FAILED, error=f"{ENGINE_STOPPED} (exit code {code})")
+        return outcome or Outcome(JobStatus.FAILED, error=await self._exit_reason(container))
+
+    async def _stopped_by_engine(self) -> bool:
+        """Whether the engine, going away, stopped a container that nodejob did not stop: an
+        engine shutting down (without live-restore) stops its containers, whose workers take
+        the SIGTERM for a cancel."""
+        if self._exited_while_away:
+            return True
+        listens = await trio.to_thread.run_sync(
+            engine.listens, self.config.docker_host, abandon_on_cancel=True
+        )
+        return not listens
 
     async def _ingest_log(
         self, container: Any, ingester: StreamIngester, nursery: trio.Nursery
     ) -> str | None:
         """Read the container's log from its start to its end; a reason if it is broken."""
         ingester.restart()
-        pump = _LogPump(container)
+        pump = engine.LogPump(container)
         try:
             async with trio.open_nursery() as reader:
                 reader.start_soon(
@@ -385,7 +399,7 @@ class DockerExecution(JobExecution):
                         trio.to_thread.run_sync,
                         pump.read,
                         abandon_on_cancel=True,
-                        limiter=_limiter(_STREAMS, 10_000),
+                        limiter=engine.limiter(engine.STREAMS, 10_000),
                     )
                 )
                 straggler = False
@@ -393,7 +407,10 @@ class DockerExecution(JobExecution):
                 while True:
                     done = pump.done
                     try:
-                        for frame in pump.take():
+                        frames = pump.take()
+                        if frames:
+                            self._outage = None  # the engine is back, the log flows
+                        for frame in frames:
                             ingester.feed(frame)
                     except ProtocolError as exc:
                         self._start_stop()
@@ -428,9 +445,11 @@ class DockerExecution(JobExecution):
     async def _exit_reason(self, container: Any) -> str:
         """Why a worker ended without its terminal line: exit code, OOM kill, stderr."""
         try:
-            result = await _call(container.wait, timeout=CONNECT_TIMEOUT_S)
-            state = await _call(self._state, container)
-            raw = await _call(container.logs, stdout=False, stderr=True, tail=STDERR_TAIL_LINES)
+            result = await engine.call(container.wait, timeout=engine.CONNECT_TIMEOUT_S)
+            state = await engine.call(self._state, container)
+            raw = await engine.call(
+                container.logs, stdout=False, stderr=True, tail=STDERR_TAIL_LINES
+            )
         except (docker.errors.DockerException, OSError) as exc:
             return f"worker ended without a result (its container cannot be inspected: {exc})"
         code = int(result.get("StatusCode", -1))
@@ -445,10 +464,15 @@ class DockerExecution(JobExecution):
     async def _remove(self, container_id: str | None) -> None:
         if container_id:
             try:
-                client = await _call(_client, self.config.docker_host)
-                await _call(client.api.remove_container, container_id, force=True)
+                client = await engine.call(engine.client, self.config.docker_host)
+                await engine.call(client.api.remove_container, container_id, force=True)
             except docker.errors.NotFound:
                 pass
-            except (docker.errors.DockerException, ExecutionUnavailable, OSError):
-                logger.warning("job %s: could not remove container %s", self.job.id, container_id)
+            except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
+                logger.warning(
+                    "job %s: could not remove container %s (%s); a later sweep will",
+                    self.job.id,
+                    container_id,
+                    exc,
+                )
         shutil.rmtree(self.directory, ignore_errors=True)
