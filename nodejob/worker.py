@@ -13,6 +13,16 @@ stdout is the protocol channel and nothing else writes to it: the worker keeps t
 itself and points file descriptor 1 at stderr, so a node's stray ``print`` lands in stderr
 instead of corrupting the stream. Lines are written in batches, whole lines at a time.
 
+A full disk does not end the job: the spool file lives under NODEJOB_HOME, on the disk that the
+server's database also needs, so when one cannot be written the other cannot either, and the
+server holds its jobs back until space returns (docs/guarantees.md, "Storage faults"). The
+worker does the same: a write refused with ENOSPC (or EDQUOT) keeps the bytes not yet written
+and is retried, backing off up to SPACE_RETRY_MAX_S, while emitting nodes wait past HIGH_WATER.
+A short write never leaves half a line behind for good (the retry continues from the exact
+byte), so the server's reader, which holds an unfinished last line back, sees every line
+whole. A worker waiting for space can still be stopped: SIGTERM cancels its graph, and the
+server's SIGKILL after the grace period ends it even while it waits to write its last line.
+
 ``--status-file PATH`` makes the started process a small supervisor: it forks the actual
 worker, ignores SIGTERM/SIGINT/SIGHUP, waits for it and records its exit (``{"pid",
 "returncode"}``, negative for a signal, as in subprocess) in PATH before exiting with the
@@ -26,17 +36,27 @@ fast and fits in the worker bundle. Never apsw, quart, httpx, docker or the serv
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import signal
 import stat
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
-from nodejob.protocol import EXIT_BY_STATUS, EXIT_USAGE, JobStatus, MessageType, dumps
+from nodejob.protocol import (
+    EXIT_BY_STATUS,
+    EXIT_USAGE,
+    JobStatus,
+    MessageTooLarge,
+    MessageType,
+    encode_message,
+)
 from nodejob.workflow import GraphError, NodeFailed, run_graph, validate_graph
 
 if TYPE_CHECKING:
@@ -44,6 +64,11 @@ if TYPE_CHECKING:
 
 HIGH_WATER: Final = 10_000
 """Lines waiting to be written above which emitting nodes wait (``drain``)."""
+NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+SPACE_RETRY_MIN_S: Final = 0.01
+SPACE_RETRY_MAX_S: Final = 0.5
+"""A spool write refused for want of space is retried after a delay doubling between these:
+the worker goes on at most this long after space returns."""
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 SUPERVISOR_IGNORES: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -122,15 +147,25 @@ def _fork_supervised(status_file: str) -> int | None:
     _, status = os.waitpid(pid, 0)
     returncode = os.waitstatus_to_exitcode(status)
     temp = f"{status_file}.tmp"
-    with open(temp, "w", encoding="utf-8") as file:
-        json.dump({"pid": pid, "returncode": returncode}, file)
-    os.replace(temp, status_file)
+    try:
+        with open(temp, "w", encoding="utf-8") as file:
+            json.dump({"pid": pid, "returncode": returncode}, file)
+        os.replace(temp, status_file)
+    except OSError:
+        # No space (or no directory any more): the record is lost, not the exit status. A
+        # traceback here would make the supervisor exit 1, and the server, its parent, would
+        # report that instead of how the worker really ended.
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
     return returncode if returncode >= 0 else 128 - returncode
 
 
 def _exit(code: int) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # Both point at stderr.log, which a full disk may refuse: the exit status matters more.
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
 
 
@@ -146,7 +181,17 @@ def run_request(request: dict[str, Any]) -> int:
         for signum in STOP_SIGNALS:  # the graph has ended: nothing may cut off the last line
             signal.signal(signum, signal.SIG_IGN)
         writer.flush_now()
-    writer.write_line(terminal)
+    try:
+        writer.write_line(terminal)
+    except MessageTooLarge as exc:
+        # Each output fitted in its output_update, but not all of them together: the job
+        # fails, worded as the manager words it for an in-process job.
+        terminal = {
+            "type": MessageType.JOB_UPDATE.value,
+            "status": JobStatus.FAILED.value,
+            "error": f"the job's outputs do not fit in its last message: {exc}",
+        }
+        writer.write_line(terminal)
     os.close(out)
     return EXIT_BY_STATUS[JobStatus(terminal["status"])]
 
@@ -165,7 +210,8 @@ async def _run(request: dict[str, Any], writer: LineWriter) -> dict[str, Any]:
                 except (NodeFailed, GraphError) as exc:
                     terminal.update(status=JobStatus.FAILED.value, error=str(exc))
                 except Exception as exc:
-                    traceback.print_exc()
+                    with contextlib.suppress(OSError):  # stderr.log may be on a full disk
+                        traceback.print_exc()
                     terminal.update(
                         status=JobStatus.FAILED.value,
                         error=f"internal error in the worker: {exc!r}",
@@ -190,6 +236,9 @@ class LineWriter:
     queues the line; the ``run`` task writes whatever is queued in one go, so a burst of
     messages costs one write. A pipe (docker's stdout) is written through a thread, so a slow
     reader blocks the writes and, past HIGH_WATER, the emitting nodes, never the event loop.
+    A file (the subprocess spool) is written inline; when its disk is full the writer keeps
+    the bytes it could not write and retries (see the module docstring), so that the file
+    only ever grows by the stream's exact bytes: no line is lost, doubled or cut for good.
     """
 
     def __init__(self, fd: int, job_id: str, first_seq: int) -> None:
@@ -197,6 +246,8 @@ class LineWriter:
         self._job_id = job_id
         self._seq = first_seq
         self._pending: list[str] = []
+        self._unwritten = memoryview(b"")
+        """Bytes taken from ``_pending`` that the disk has not taken yet (file only)."""
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -209,38 +260,74 @@ class LineWriter:
             self._idle = trio.Event()
 
     def _encode(self, message: dict[str, Any]) -> str:
+        """The message's line, with the next seq; MessageTooLarge past MAX_MESSAGE_BYTES (as
+        in the server's log: the node that emitted it fails, and no seq is used up)."""
         full = {"type": message["type"], "job_id": self._job_id, "seq": self._seq}
         full.update(message)
         full["job_id"], full["seq"] = self._job_id, self._seq  # a node cannot override them
+        line = encode_message(full) + "\n"
         self._seq += 1
-        return dumps(full) + "\n"
+        return line
 
     async def drain(self) -> None:
         while len(self._pending) > HIGH_WATER:
             await self._idle.wait()
 
     async def run(self) -> None:
-        """Write queued lines until cancelled (then ``flush_now`` writes the rest)."""
+        """Write queued lines until cancelled (then ``flush_now`` writes the rest).
+
+        Cancellation: at any point, including while it waits for disk space; whatever is
+        not written yet stays queued (in order) for ``flush_now``.
+        """
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            while self._pending:
+            while self._pending or self._unwritten:
+                if self._is_file:
+                    delay = SPACE_RETRY_MIN_S
+                    while not self._write_file():
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, SPACE_RETRY_MAX_S)
+                    continue
                 count = len(self._pending)
                 data = "".join(self._pending[:count]).encode()
-                if self._is_file:
-                    _write_all(self._fd, data)
-                else:
-                    # A cancel can strike before the thread starts: forget the lines only
-                    # once they are written, so that flush_now writes them otherwise.
-                    await trio.to_thread.run_sync(_write_all, self._fd, data)
+                # A cancel can strike before the thread starts: forget the lines only once
+                # they are written, so that flush_now writes them otherwise.
+                await trio.to_thread.run_sync(_write_all, self._fd, data)
                 del self._pending[:count]
             self._idle.set()
 
-    def flush_now(self) -> None:
-        if self._pending:
-            data = "".join(self._pending).encode()
+    def _write_file(self) -> bool:
+        """Write the unwritten bytes, else everything queued, to the file as far as the disk
+        takes them. True once they are all written; False if the disk is full (the rest is
+        kept, to go first at the next try)."""
+        if not self._unwritten:
+            self._unwritten = memoryview("".join(self._pending).encode())
             self._pending.clear()
-            _write_all(self._fd, data)
+        while self._unwritten:
+            try:
+                written = os.write(self._fd, self._unwritten)
+            except OSError as exc:
+                if exc.errno not in NO_SPACE_ERRNOS:
+                    raise
+                return False
+            self._unwritten = self._unwritten[written:]
+        return True
+
+    def flush_now(self) -> None:
+        """Write everything queued, blocking; to a file on a full disk, until space returns
+        (only SIGKILL ends the wait: the caller ignores SIGTERM while its last lines go)."""
+        if not self._is_file:
+            if self._pending:
+                data = "".join(self._pending).encode()
+                self._pending.clear()
+                _write_all(self._fd, data)
+            return
+        delay = SPACE_RETRY_MIN_S
+        while self._pending or self._unwritten:
+            if not self._write_file():
+                time.sleep(delay)
+                delay = min(delay * 2, SPACE_RETRY_MAX_S)
 
     def write_line(self, message: dict[str, Any]) -> None:
         """Write ``message`` with the next seq at once, after anything queued (the last line)."""
