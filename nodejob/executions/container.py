@@ -49,6 +49,7 @@ from nodejob.executions.stream import (
     describe_exit,
     record_outcome,
     recorded_outcome,
+    until_stored,
 )
 from nodejob.protocol import ExecutionStrategy, JobStatus, ProtocolError, dumps
 
@@ -102,8 +103,7 @@ class DockerExecution(JobExecution):
         first_seq = await self.first_worker_seq()
         try:
             client = await engine.call(engine.client, self.config.docker_host)
-            with trio.CancelScope(shield=True):  # a created container must get its handle
-                container = await self._launch(client, first_seq)
+            container = await self._launch(client, first_seq)
         except ExecutionUnavailable as exc:
             return Outcome(JobStatus.FAILED, error=str(exc))
         except docker.errors.ImageNotFound:
@@ -236,7 +236,8 @@ class DockerExecution(JobExecution):
         network = config.docker_network
         if self.job.resources.get("network") is True:
             network = "bridge" if network == "none" else network
-        container = await engine.call(
+        create = functools.partial(
+            engine.call,
             client.containers.create,
             config.docker_image,
             ["python3", "-I", BUNDLE_TARGET, "worker", "--request", REQUEST_TARGET],
@@ -261,13 +262,18 @@ class DockerExecution(JobExecution):
             init=True,  # forwards SIGTERM to the worker and reaps
             log_config=docker.types.LogConfig(type="json-file"),  # readable again after restarts
         )
+        with trio.CancelScope(shield=True):  # a created container must get its handle, or go
+            container = await create()
         self._handle = {"container_id": container.id, "dir": str(directory)}
         try:
-            await self.store.set_handle(self.job.id, self._handle)
-            await engine.call(container.start)
-        except BaseException:
-            await engine.call(container.remove, force=True)
+            store_handle = functools.partial(self.store.set_handle, self.job.id, self._handle)
+            await until_stored(self.job.id, store_handle, shield=True)
+        except BaseException:  # cancelled while the database refused the write: no handle
+            with trio.CancelScope(shield=True):
+                await engine.call(container.remove, force=True)
             raise
+        with trio.CancelScope(shield=True):  # recorded: it starts, for this server or the next
+            await engine.call(container.start)
         return container
 
     async def _follow(self, container: Any) -> Outcome:

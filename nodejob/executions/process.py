@@ -23,7 +23,7 @@ end) are retried while the database refuses them (locked by another process, dis
 the message log retries its commits: such a fault delays a job, it does not fail it. The
 worker itself waits for space when its spool's disk is full (nodejob/worker.py).
 
-Must not import apsw (only the store's StoreUnavailable), docker or the server.
+Must not import apsw, docker or the server.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ from nodejob.executions.stream import (
     describe_exit,
     record_outcome,
     recorded_outcome,
+    until_stored,
 )
 from nodejob.protocol import ExecutionStrategy, JobStatus, ProtocolError, dumps, loads
-from nodejob.store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
 
     from nodejob.config import Config
 
@@ -72,9 +72,6 @@ POLL_MIN_S: Final = 0.005
 POLL_MAX_S: Final = 0.2
 """Without inotify or pidfds: the polling interval backs off between these."""
 REQUEST_TIMEOUT_S: Final = 30.0
-STORE_RETRY_MIN_S: Final = 0.05
-STORE_RETRY_MAX_S: Final = 2.0
-"""A job-row write the database refuses is retried after a delay doubling between these."""
 GROUP_GONE_TIMEOUT_S: Final = 10.0
 PASSED_ENV: Final = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH"}
@@ -397,8 +394,10 @@ class SubprocessExecution(JobExecution):
         try:
             # Shielded per attempt: once the handle is written, the worker must get its
             # request, whatever cancellation came meanwhile (the next server re-adopts it).
-            await self._until_stored(
-                functools.partial(self.store.set_handle, self.job.id, self._handle), shield=True
+            await until_stored(
+                self.job.id,
+                functools.partial(self.store.set_handle, self.job.id, self._handle),
+                shield=True,
             )
         except BaseException:
             worker.signal_group(signal.SIGKILL)  # no handle, no re-adoption: it must not run
@@ -414,36 +413,6 @@ class SubprocessExecution(JobExecution):
                 ):
                     await pipe.send_all(request)
         return worker
-
-    async def _until_stored(
-        self, write: Callable[[], Awaitable[None]], *, shield: bool = False
-    ) -> None:
-        """Run ``write`` (a write of the job's row) until the database takes it.
-
-        A database locked by another process or a full disk is a reason to wait, not to fail
-        the job: the message log holds the job's messages back meanwhile anyway, and without
-        this a completed worker's job, or one launched just as the disk filled, would end
-        ``failed`` with an internal error.
-
-        Cancellation: between attempts (the server stopping: the next one takes over). With
-        ``shield``, an attempt itself is never cut short, so that a write that happened is
-        not followed by a cancellation the caller would take for one that did not.
-        """
-        delay = STORE_RETRY_MIN_S
-        while True:
-            try:
-                with trio.CancelScope(shield=shield):
-                    await write()
-                return
-            except StoreUnavailable as exc:
-                logger.warning(
-                    "job %s: cannot write the job's row now, retrying in %.2f s: %s",
-                    self.job.id,
-                    delay,
-                    exc.reason,
-                )
-            await trio.sleep(delay)
-            delay = min(delay * 2, STORE_RETRY_MAX_S)
 
     async def _worker_command(self) -> list[str]:
         """``python -m nodejob worker`` of this very nodejob; from a zipapp, the worker bundle."""
@@ -520,9 +489,7 @@ class SubprocessExecution(JobExecution):
             )
         await worker.clear_group()
         handle = self._handle or {}
-        await self._until_stored(
-            functools.partial(record_outcome, self.log, self.store, self.job.id, handle, outcome)
-        )
+        await record_outcome(self.log, self.store, self.job.id, handle, outcome)
         shutil.rmtree(directory, ignore_errors=True)
         return outcome
 

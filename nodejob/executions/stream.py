@@ -41,10 +41,13 @@ Must not import apsw, docker or the server; the log is used only through ``inges
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 from typing import TYPE_CHECKING, Any, Final
+
+import trio
 
 from nodejob.executions.base import Outcome
 from nodejob.protocol import (
@@ -54,13 +57,19 @@ from nodejob.protocol import (
     ProtocolError,
     is_terminal_update,
 )
+from nodejob.store import StoreUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from nodejob.log import MessageLog
     from nodejob.store import Store
 
 logger = logging.getLogger(__name__)
 
+STORE_RETRY_MIN_S: Final = 0.05
+STORE_RETRY_MAX_S: Final = 2.0
+"""A job-row write the database refused is retried after a delay doubling between these."""
 MAX_LINE_BYTES: Final = MAX_MESSAGE_BYTES + 1
 """A line longer than this (one message and its newline) is not a worker's message: no
 worker writes one, so the stream is given up as corrupt."""
@@ -74,6 +83,7 @@ __all__ = [
     "outcome_of",
     "record_outcome",
     "recorded_outcome",
+    "until_stored",
 ]
 
 
@@ -261,7 +271,38 @@ async def record_outcome(
     await log.wait_committed(job_id, log.last_seq(job_id))
     done = {"status": outcome.status.value, "error": outcome.error, "outputs": outcome.outputs}
     handle["outcome"] = done
-    await store.set_handle(job_id, handle)
+    await until_stored(job_id, functools.partial(store.set_handle, job_id, handle))
+
+
+async def until_stored(
+    job_id: str, write: Callable[[], Awaitable[None]], *, shield: bool = False
+) -> None:
+    """Run ``write`` (a write of the job's row: its handle) until the database takes it.
+
+    A database locked by another process or a full disk is a reason to wait, not to fail
+    the job: the message log holds the job's messages back meanwhile anyway, and without
+    this a completed worker's job, or one launched just as the disk filled, would end
+    ``failed`` with an internal error.
+
+    Cancellation: between attempts (the server stopping: the next one takes over). With
+    ``shield``, an attempt itself is never cut short, so that a write that happened is
+    not followed by a cancellation the caller would take for one that did not.
+    """
+    delay = STORE_RETRY_MIN_S
+    while True:
+        try:
+            with trio.CancelScope(shield=shield):
+                await write()
+            return
+        except StoreUnavailable as exc:
+            logger.warning(
+                "job %s: cannot write the job's row now, retrying in %.2f s: %s",
+                job_id,
+                delay,
+                exc.reason,
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 2, STORE_RETRY_MAX_S)
 
 
 def recorded_outcome(handle: dict[str, Any] | None) -> Outcome | None:
