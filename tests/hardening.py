@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,20 @@ async def poll_until(
     with trio.fail_after(seconds):
         while not await check():  # noqa: ASYNC110 - another process's state: no event exists
             await trio.sleep(interval)
+
+
+def install_plugin(directory: Path, module: str, source: str, entry_points: dict[str, str]) -> Path:
+    """A plug-in distribution in ``directory``: ``module.py`` with ``source`` and its
+    ``nodejob.nodes`` entry points (name -> ``module:Class``). Put ``directory`` on a
+    server's PYTHONPATH and its nodes exist there, as if pip-installed."""
+    name = module.replace("_", "-")
+    info = directory / f"{module}-0.dist-info"
+    info.mkdir(parents=True)
+    (directory / f"{module}.py").write_text(textwrap.dedent(source))
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    lines = "".join(f"{key} = {value}\n" for key, value in entry_points.items())
+    (info / "entry_points.txt").write_text("[nodejob.nodes]\n" + lines)
+    return directory
 
 
 async def metric(http: httpx.AsyncClient, name: str) -> float:
