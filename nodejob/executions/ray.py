@@ -14,6 +14,13 @@ the ``submission_id``, and the handle records it *before* the submission: Ray an
 duplicate with HTTP 500 "already exists", which we take as "already submitted", so
 submitting again after a crash or an ambiguous error is always safe.
 
+Restarts. Wherever a kill cuts a job, the next server carries on (tests/test_crash.py kills
+at each point): still ``starting``, nothing was sent to Ray (the ``running`` update is
+committed before anything is), and recovery fails it; no handle yet (waiting for room), it is
+admitted and submitted anew; a handle not yet ``submitted``, it is submitted again, and Ray's
+"already exists" says the earlier request got through; ``submitted``, it is followed, its log
+re-read from the start; an outcome recorded, that is the outcome.
+
 Admission. Ray holds a job it cannot place as PENDING, and a PENDING job ignores stop
 requests until it leaves that state (ray-project/ray#58353). So we never hand Ray a job it
 cannot place: each job asks for CPUs/GPUs/memory (``resources`` of run_job; by default
