@@ -103,7 +103,6 @@ RAY_SETTLE_S = 5.0
 CUT_REASONS = frozenset(
     {
         SERVER_STOPPED,  # killed while the job was still starting
-        "the server stopped before the worker started",
         "the server stopped before the container started",
     }
 )

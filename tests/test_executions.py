@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,37 @@ async def test_worker_killed_while_the_server_is_down(config, store, strategy):
     assert_whole(messages, "failed")
     assert messages[-1]["error"].startswith("worker killed by signal SIGKILL")
     assert not worker_alive(strategy, (await store.get_job(job.id)).handle)
+
+
+async def test_a_job_cut_before_its_worker_was_recorded_is_launched_by_the_next_server(
+    config, store
+):
+    """What a server killed between committing ``running`` and recording the worker leaves:
+    a running job without a handle. Nothing ran (a worker without its request exits), so the
+    next server launches it, its seqs going on after the ones already logged."""
+    job = JobRecord(
+        id=uuid.uuid4().hex,
+        user_id=CTX.user_id,
+        job_type="workflow",
+        status=JobStatus.STARTING,
+        workflow_id=None,
+        execution_strategy="subprocess",
+        params={},
+        graph=chatter(5),
+        created_at=time.time(),
+    )
+    log = MessageLog(store, config.ring_size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        log.create(job)
+        log.append(job.id, {"type": "job_update", "status": "running"})
+        await log.wait_committed(job.id, 2)
+        nursery.cancel_scope.cancel()
+    async with open_manager(store, config) as manager:
+        with trio.fail_after(DEADLINE_S):
+            messages = await collect(manager, job.id)
+    assert_whole(messages, "completed")
+    assert messages[-1]["result"] == {"outputs": {"lines": 5}}
 
 
 @pytest.mark.parametrize("strategy", OUT_OF_PROCESS)

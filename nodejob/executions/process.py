@@ -349,7 +349,10 @@ class SubprocessExecution(JobExecution):
     async def resume(self) -> Outcome:
         handle = self.job.handle
         if not handle:
-            return Outcome(JobStatus.FAILED, error="the server stopped before the worker started")
+            # The server stopped before it recorded a worker, so no worker got the request (one
+            # without it exits): nothing ran, and the job is launched now, as if for the first
+            # time (its seqs go on after the ones already logged).
+            return await self.run()
         self._handle = dict(handle)
         done = recorded_outcome(handle)
         if done is not None:  # the worker ended and its messages were committed
