@@ -289,12 +289,15 @@ class JobExecutionManager:
                 self.log.append(job.id, {**_job_update(JobStatus.FAILED), "error": str(exc)})
                 continue
             live = _LiveJob(job, cls(job, graph, self.log, self.store, self.config))
-            if not cls.survives_restart or job.status is JobStatus.STARTING:
-                # Not yet launched, or in-process: its work died with the old process.
+            if not cls.survives_restart:  # in-process: its work died with the old process
                 self.log.append(job.id, {**_job_update(JobStatus.FAILED), "error": SERVER_STOPPED})
                 continue
-            live.launched = True
             self._live[job.id] = live
+            if job.status is JobStatus.STARTING:
+                # Accepted but never launched: nothing ran, so it waits for a slot again.
+                self._nursery.start_soon(self._supervise, live, name=f"job {job.id} (queued)")
+                continue
+            live.launched = True
             self._nursery.start_soon(self._readopt, live, name=f"job {job.id} (re-adopted)")
 
     async def _readopt(self, live: _LiveJob) -> None:

@@ -9,6 +9,7 @@ run the manager twice on one home: leaving the first manager's context is a serv
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -29,7 +30,7 @@ from nodejob.config import Config
 from nodejob.executions.process import job_dir, proc_stat
 from nodejob.executions.stream import LineAssembler, StreamIngester, describe_exit
 from nodejob.log import MessageLog
-from nodejob.manager import SERVER_STOPPED, open_manager
+from nodejob.manager import SERVER_STOPPED, CancelResult, open_manager
 from nodejob.protocol import (
     MAX_MESSAGE_BYTES,
     ExecutionStrategy,
@@ -417,6 +418,26 @@ async def test_a_job_cut_before_its_worker_was_recorded_is_launched_by_the_next_
             messages = await collect(manager, job.id)
     assert_whole(messages, "completed")
     assert messages[-1]["result"] == {"outputs": {"lines": 5}}
+
+
+async def test_a_queued_out_of_process_job_waits_for_a_slot_again_after_a_restart(config, store):
+    """A job still waiting for a slot when the server stopped never ran: the next server
+    queues it again (it is not failed), and it runs once a slot is free."""
+    config = dataclasses.replace(config, max_jobs=1)
+    async with open_manager(store, config) as manager:
+        first = await manager.start_job(run(sleeper(), "subprocess"), CTX)
+        queued = await manager.start_job(run(chatter(3), "subprocess"), CTX)
+        with trio.fail_after(DEADLINE_S):
+            await collect(manager, first.id, until=node_running("s"))
+    row = await store.get_job(queued.id)
+    assert row is not None
+    assert row.status == "starting"
+    async with open_manager(store, config) as manager:
+        with trio.fail_after(DEADLINE_S):
+            assert await manager.cancel_job(first.id) is CancelResult.ACCEPTED
+            messages = await collect(manager, queued.id)
+            await collect(manager, first.id)
+    assert_whole(messages, "completed")
 
 
 @pytest.mark.parametrize("strategy", OUT_OF_PROCESS)
