@@ -12,6 +12,7 @@ Must not import the server or apsw.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import time
@@ -70,6 +71,8 @@ class _LiveJob:
     execution: JobExecution
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     launched: bool = False
+    running: trio.Event = field(default_factory=trio.Event)
+    """Set once launched: a timeout counts from then."""
     cancel_requested: bool = False
     timed_out: bool = False
     finished_at: float | None = None
@@ -143,8 +146,9 @@ class JobExecutionManager:
         try:
             with live.scope:
                 async with self._slots:
-                    live.launched = True
-                    self.log.append(job.id, _job_update(JobStatus.RUNNING))
+                    execution.launching = functools.partial(self._launching, live)
+                    if not execution.admits_itself:
+                        self._launching(live)
                     outcome = await self._run(live)
         except Exception as exc:
             logger.exception("job %s: execution crashed", job.id)
@@ -157,6 +161,13 @@ class JobExecutionManager:
                     self._finish(live, Outcome(JobStatus.FAILED, error=SERVER_STOPPED))
             else:
                 self._finish(live, outcome or Outcome(JobStatus.CANCELLED))
+
+    def _launching(self, live: _LiveJob) -> None:
+        """The job's work starts now: it is ``running``, and a cancel goes to its execution."""
+        if not live.launched:
+            live.launched = True
+            self.log.append(live.job.id, _job_update(JobStatus.RUNNING))
+            live.running.set()
 
     async def _run(self, live: _LiveJob, *, resume: bool = False) -> Outcome:
         timeout = live.job.timeout_seconds
@@ -172,6 +183,7 @@ class JobExecutionManager:
         return outcome
 
     async def _watchdog(self, live: _LiveJob, seconds: float) -> None:
+        await live.running.wait()
         await trio.sleep(seconds)
         live.timed_out = True
         await live.execution.request_cancel()
@@ -298,6 +310,7 @@ class JobExecutionManager:
                 self._nursery.start_soon(self._supervise, live, name=f"job {job.id} (queued)")
                 continue
             live.launched = True
+            live.running.set()
             self._nursery.start_soon(self._readopt, live, name=f"job {job.id} (re-adopted)")
 
     async def _readopt(self, live: _LiveJob) -> None:

@@ -308,6 +308,10 @@ async def test_admission_holds_back_what_ray_cannot_place(config, store):  # noq
             note = await collect(manager, waiting.id, until=lambda m: m["type"] == "log_update")
             assert note[-1]["content"].startswith("waiting for room on the Ray cluster")
             assert note[-1]["node_id"] is None
+            assert [m["status"] for m in note if m["type"] == "job_update"] == ["starting"]
+            row = await store.get_job(waiting.id)
+            assert row is not None
+            assert row.status == "starting"  # waiting for room is not running yet
             assert await ray_status(waiting.id) is None  # not handed to Ray
             await collect(manager, gives_up.id, until=lambda m: m["type"] == "log_update")
             await manager.cancel_job(gives_up.id)
@@ -335,7 +339,7 @@ async def test_a_restart_while_waiting_for_room_submits_later(config, store):  #
             await collect(manager, waiting.id, until=lambda m: m["type"] == "log_update")
     row = await store.get_job(waiting.id)
     assert row is not None
-    assert (row.status, row.handle) == ("running", None)
+    assert (row.status, row.handle) == ("starting", None)  # queued again by the next server
     async with open_manager(store, config) as manager:
         with trio.fail_after(DEADLINE_S):
             for job in running:  # re-adopted: they hold their places again
@@ -355,7 +359,8 @@ async def test_a_job_no_node_can_hold_fails_at_once(config, store):  # noqa: F81
         with trio.fail_after(DEADLINE_S):
             big_messages = await collect(manager, big.id)
             bad_messages = await collect(manager, bad.id)
-    assert_whole(big_messages, "failed")
+    assert_refused(big_messages)
+    assert_refused(bad_messages)
     assert big_messages[-1]["error"].startswith("no node of the Ray cluster at ")
     assert "asks for CPU 1, GPU 64" in big_messages[-1]["error"]
     assert await ray_status(big.id) is None
@@ -438,10 +443,17 @@ async def test_no_ray_cluster_is_a_clear_error_not_a_hang(config, store):  # noq
         job = await manager.start_job(run(FAIL, "ray"), CTX)
         with trio.fail_after(DEADLINE_S):
             messages = await collect(manager, job.id)
-    assert_whole(messages, "failed")
+    assert_refused(messages)
     assert messages[-1]["error"].startswith(
         "no answer from the Ray dashboard at http://127.0.0.1:9"
     )
+
+
+def assert_refused(messages: list[dict]) -> None:
+    """Failed before it was launched: it never ran, so it never was ``running``."""
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    updates = [m["status"] for m in messages if m["type"] == "job_update"]
+    assert updates == ["starting", "failed"]
 
 
 async def test_ray_log_keeps_our_lines_by_shape_and_reads_again_without_doubles(

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nodejob.config import Config
     from nodejob.log import MessageLog
     from nodejob.protocol import ExecutionStrategy, JobStatus
@@ -41,6 +43,10 @@ class JobExecution(ABC):
     strategy: ClassVar[ExecutionStrategy]
     survives_restart: ClassVar[bool] = False
     """Whether a job of this strategy keeps running when the server stops (invariant 4)."""
+    admits_itself: ClassVar[bool] = False
+    """Whether ``run`` first waits for room of its own (on a cluster): the job then stays
+    ``starting`` until ``run`` calls ``launching``. Otherwise it is ``running`` as soon as it
+    has one of the server's slots."""
 
     def __init__(
         self, job: JobRecord, graph: Graph, log: MessageLog, store: Store, config: Config
@@ -50,6 +56,8 @@ class JobExecution(ABC):
         self.log = log
         self.store = store
         self.config = config
+        self.launching: Callable[[], None] = _nothing
+        """Set by the manager: marks the job ``running`` (once; see ``admits_itself``)."""
 
     @abstractmethod
     async def run(self) -> Outcome:
@@ -75,3 +83,7 @@ class JobExecution(ABC):
     async def resume(self) -> Outcome:
         """Follow a job started by an earlier server process to its end (out-of-process only)."""
         raise ExecutionUnavailable(f"{self.strategy} jobs cannot be re-adopted")
+
+
+def _nothing() -> None:
+    """``launching`` of an execution nobody supervises (or one already running)."""

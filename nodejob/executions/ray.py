@@ -190,6 +190,7 @@ class _Doorbell:
 class RayExecution(JobExecution):
     strategy: ClassVar[ExecutionStrategy] = ExecutionStrategy.RAY
     survives_restart: ClassVar[bool] = True
+    admits_itself: ClassVar[bool] = True  # `starting` while it waits for room on the cluster
 
     _cancel_requested = False
     _stopping = False
@@ -228,6 +229,7 @@ class RayExecution(JobExecution):
             try:
                 if self._cancelled():  # while it waited: Ray never saw it
                     return Outcome(JobStatus.CANCELLED)
+                self.launching()
                 first_seq = await self.first_worker_seq()
                 self._handle = {
                     "address": ray.address,
