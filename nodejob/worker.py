@@ -23,6 +23,14 @@ byte), so the server's reader, which holds an unfinished last line back, sees ev
 whole. A worker waiting for space can still be stopped: SIGTERM cancels its graph, and the
 server's SIGKILL after the grace period ends it even while it waits to write its last line.
 
+``--tee PATH`` also appends every line to PATH, a copy of the stream that outlives a transport
+that may drop its end (docker: an engine that is down when a container exits loses what the
+container wrote meanwhile; the container appends to a spool file on the host, which the server
+reads to top the container's log up). The copy is written before the stream, so it holds at
+least what the stream got, and it must never cost the stream: the first write it refuses (full
+disk, EIO, anything) ends the copy — said once on stderr — and the stream goes on. No retry
+here: a file that lost a line is of no use as a copy, and the stream must not wait for it.
+
 ``--status-file PATH`` makes the started process a small supervisor: it forks the actual
 worker, ignores SIGTERM/SIGINT/SIGHUP, waits for it and records its exit (``{"pid",
 "returncode"}``, negative for a signal, as in subprocess) in PATH before exiting with the
@@ -112,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--status-file", metavar="PATH", help="supervise: record the worker's exit status here"
     )
+    parser.add_argument(
+        "--tee", metavar="PATH", help="also append the stream to PATH (best effort: see above)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.request == "-":
@@ -129,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _fork_supervised(args.status_file)
         if code is not None:
             _exit(code)
-    _exit(run_request(request))
+    _exit(run_request(request, tee=args.tee))
 
 
 def _fork_supervised(status_file: str) -> int | None:
@@ -169,12 +180,13 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def run_request(request: dict[str, Any]) -> int:
-    """Run a checked request (see parse_request), writing its stream to stdout; exit status."""
+def run_request(request: dict[str, Any], *, tee: str | None = None) -> int:
+    """Run a checked request (see parse_request), writing its stream to stdout (and a copy to
+    the file ``tee``, best effort); exit status."""
     out = os.dup(sys.stdout.fileno())  # the protocol stream; not inherited by node processes
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    writer = LineWriter(out, request["job_id"], request["first_seq"])
+    writer = LineWriter(out, request["job_id"], request["first_seq"], tee=Tee(tee))
     try:
         terminal = trio.run(_run, request, writer)
     finally:
@@ -192,7 +204,7 @@ def run_request(request: dict[str, Any]) -> int:
             "error": f"the job's outputs do not fit in its last message: {exc}",
         }
         writer.write_line(terminal)
-    os.close(out)
+    writer.close()
     return EXIT_BY_STATUS[JobStatus(terminal["status"])]
 
 
@@ -239,10 +251,12 @@ class LineWriter:
     A file (the subprocess spool) is written inline; when its disk is full the writer keeps
     the bytes it could not write and retries (see the module docstring), so that the file
     only ever grows by the stream's exact bytes: no line is lost, doubled or cut for good.
+    A ``tee`` gets each batch first, exactly once (``Tee``).
     """
 
-    def __init__(self, fd: int, job_id: str, first_seq: int) -> None:
+    def __init__(self, fd: int, job_id: str, first_seq: int, *, tee: Tee | None = None) -> None:
         self._fd = fd
+        self._tee = tee or Tee(None)
         self._job_id = job_id
         self._seq = first_seq
         self._pending: list[str] = []
@@ -293,7 +307,7 @@ class LineWriter:
                 data = "".join(self._pending[:count]).encode()
                 # A cancel can strike before the thread starts: forget the lines only once
                 # they are written, so that flush_now writes them otherwise.
-                await trio.to_thread.run_sync(_write_all, self._fd, data)
+                await trio.to_thread.run_sync(self._write_pipe, data)
                 del self._pending[:count]
             self._idle.set()
 
@@ -302,8 +316,10 @@ class LineWriter:
         takes them. True once they are all written; False if the disk is full (the rest is
         kept, to go first at the next try)."""
         if not self._unwritten:
-            self._unwritten = memoryview("".join(self._pending).encode())
+            data = "".join(self._pending).encode()
             self._pending.clear()
+            self._tee.write(data)
+            self._unwritten = memoryview(data)
         while self._unwritten:
             try:
                 written = os.write(self._fd, self._unwritten)
@@ -321,7 +337,7 @@ class LineWriter:
             if self._pending:
                 data = "".join(self._pending).encode()
                 self._pending.clear()
-                _write_all(self._fd, data)
+                self._write_pipe(data)
             return
         delay = SPACE_RETRY_MIN_S
         while self._pending or self._unwritten:
@@ -333,6 +349,49 @@ class LineWriter:
         """Write ``message`` with the next seq at once, after anything queued (the last line)."""
         self._pending.append(self._encode(message))
         self.flush_now()
+
+    def close(self) -> None:
+        """Close the stream and the tee (everything is written: see ``flush_now``)."""
+        os.close(self._fd)
+        self._tee.close()
+
+    def _write_pipe(self, data: bytes) -> None:
+        """(In a thread, or at the end.) ``data`` to the tee, then all of it to the stream."""
+        self._tee.write(data)
+        _write_all(self._fd, data)
+
+
+class Tee:
+    """A best-effort copy of the stream, appended to the file ``path`` (none if None): the
+    first failure, to open or to write, ends it for good and is said once on stderr. The file
+    then holds a prefix of the stream (its last line maybe cut): a stream that ended early."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except OSError as exc:
+                self._give_up(f"cannot copy the stream to {path}: {exc}")
+
+    def write(self, data: bytes) -> None:
+        if self._fd is not None:
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._give_up(f"stopped copying the stream to {self.path}: {exc}")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _give_up(self, what: str) -> None:
+        self.close()
+        with contextlib.suppress(OSError):  # stderr may be on the full disk too
+            print(f"nodejob worker: {what}; the stream goes on", file=sys.stderr, flush=True)
 
 
 def _write_all(fd: int, data: bytes) -> None:

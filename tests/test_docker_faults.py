@@ -1,5 +1,5 @@
-"""Docker engine faults (issue "hardening"): dockerd restarted while containers run, and the
-sweep of containers that jobs left behind.
+"""Docker engine faults (issue "hardening"): dockerd restarted while containers run, the job's
+spool that tops up what the engine lost, and the sweep of containers that jobs left behind.
 
 Every engine here is a private ``dockerd`` that this module starts itself (its own socket,
 data root and exec root under a short /tmp directory; no bridge, no iptables) and loads the
@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -34,8 +35,9 @@ import pytest
 import trio
 
 from nodejob.config import Config
+from nodejob.log import MessageLog
 from nodejob.manager import open_manager
-from nodejob.protocol import ExecutionStrategy, ProcessingContext, RunJobRequest, dumps
+from nodejob.protocol import ExecutionStrategy, JobStatus, ProcessingContext, RunJobRequest, dumps
 from nodejob.store import Store
 from tests.hardening import TERMINAL, RawWebSocket, emitter, poll_until, start_server_process
 
@@ -199,6 +201,22 @@ class PrivateEngine:
         for mount in self._mounts():
             subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def container_processes(self) -> list[int]:
+        """The processes of its running containers: the children of its container shims."""
+        ours = set(self._leftover_processes())  # dockerd's, containerd's, the shims
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) not in ours:
+                with contextlib.suppress(OSError):
+                    status = (entry / "status").read_text()
+                    parent = re.search(r"^PPid:\s+(\d+)$", status, re.MULTILINE)
+                    if parent and int(parent.group(1)) in ours:
+                        found.append(int(entry.name))
+        return found
+
+    async def runs_no_container(self) -> bool:
+        return not await trio.to_thread.run_sync(self.container_processes)
 
     def _leftover_processes(self) -> list[int]:
         """Processes started for this engine (containerd, shims): they name its root."""
@@ -531,6 +549,9 @@ async def test_an_engine_that_stays_away_fails_its_jobs_and_the_sweep_removes_th
 async def test_a_server_restarted_while_the_engine_is_away_readopts_once_it_is_back(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
+    """The container ends while the engine is down: the engine loses what it wrote meanwhile
+    (its last lines and the worker's terminal line never reach the container's log), and the
+    job's spool brings them. The job completes with every line."""
     await engine.ensure(live_restore=True)
     home = tmp_path / "home"
     server = await start_server_process(home, env=server_env(engine))
@@ -538,12 +559,14 @@ async def test_a_server_restarted_while_the_engine_is_away_readopts_once_it_is_b
         async with await RawWebSocket.open(server.url, server.token) as ws:
             first = Follower(ws)
             with trio.fail_after(DEADLINE_S):
-                job_id = await first.run_job(emitter(40, size=80, interval=0.1))
+                job_id = await first.run_job(emitter(LINES, size=80, interval=0.2))
                 await first.until(lambda: first.count(job_id, "log_update") >= 5)
             await stopped(server)  # the container runs on, for the next server
     finally:
         await stopped(server)
     await engine.stop()
+    spool = home / "jobs" / job_id / "stream.jsonl"
+    assert not has_terminal_line(spool), "the job ended before the engine stopped"
     server = await start_server_process(home, env=server_env(engine))
     try:
         async with (
@@ -556,15 +579,214 @@ async def test_a_server_restarted_while_the_engine_is_away_readopts_once_it_is_b
                 await again.until(lambda: again.count(job_id, "log_update") >= 5)
                 row = (await http.get(f"/api/jobs/{job_id}")).json()
                 assert row["status"] == "running", row  # re-adopted, waiting for the engine
+                # The worker writes the rest and exits, all while the engine is down.
+                await poll_until(engine.runs_no_container, seconds=DEADLINE_S, interval=0.1)
+                assert has_terminal_line(spool)
                 await engine.start(live_restore=True)
                 await again.until(lambda: again.ended(job_id))
             row = await check_stream(http, job_id, again.seen[job_id])
             await check_stream(http, job_id, first.seen[job_id])
             assert (row["status"], row["error"]) == ("completed", None), row
-            assert again.count(job_id, "log_update") == 40
+            assert row["result"] == {"outputs": {"n": LINES}}
+            # The engine lost the container's last lines; every log_update came through all
+            # the same, those past the end of the container's log from the spool.
+            topped = re.search(
+                rf"job {job_id}: the log of container \w+ ended at seq (\d+) without the "
+                r"worker's last line; its spool brought seqs up to (\d+) and the worker's "
+                "terminal line",
+                server.stderr(),
+            )
+            assert topped, server.stderr()[-3000:]
+            log_end, spool_end = int(topped.group(1)), int(topped.group(2))
+            assert log_end < spool_end == row["last_seq"] - 1
+            lines = [m for m in again.seen[job_id] if m["type"] == "log_update"]
+            assert len(lines) == again.count(job_id, "log_update") == LINES
+            assert sum(m["seq"] > log_end for m in lines) > 0
+            assert not spool.parent.exists()  # nothing left of the job on the host
             await a_new_job_runs_and_nothing_is_left(engine, http)
     finally:
         await stopped(server)
+    figures("spool top-up", log_ended_at=log_end, spool_brought_up_to=spool_end)
+
+
+LINES = 60
+"""That test's job emits a line every 0.2 s: 12 s in all, most of them after the engine stopped."""
+
+
+async def test_a_container_removed_while_the_server_was_down_ends_as_its_spool_says(
+    engine: PrivateEngine, tmp_path: Path
+) -> None:
+    """The container ends and is removed (``docker rm``) while no server runs: the next server
+    cannot follow it, but the job's spool says how it ended, so the job completes with every
+    line rather than failing with "container ... is gone"."""
+    await engine.ensure(live_restore=True)
+    home = tmp_path / "home"
+    server = await start_server_process(home, env=server_env(engine))
+    try:
+        async with await RawWebSocket.open(server.url, server.token) as ws:
+            first = Follower(ws)
+            with trio.fail_after(DEADLINE_S):
+                job_id = await first.run_job(emitter(20, size=80, interval=0.1))
+                await first.until(lambda: first.count(job_id, "log_update") >= 2)
+            await stopped(server)  # the container runs on
+    finally:
+        await stopped(server)
+    name = f"nodejob-{job_id}"
+    container = await trio.to_thread.run_sync(engine.client.containers.get, name)
+    await trio.to_thread.run_sync(functools.partial(container.wait, timeout=DEADLINE_S))
+    await trio.to_thread.run_sync(container.remove)
+    server = await start_server_process(home, env=server_env(engine))
+    try:
+        async with (
+            await RawWebSocket.open(server.url, server.token) as ws,
+            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
+        ):
+            again = Follower(ws)
+            await ws.command("reconnect_job", job_id=job_id, after_seq=0)
+            with trio.fail_after(DEADLINE_S):
+                await again.until(lambda: again.ended(job_id))
+            row = await check_stream(http, job_id, again.seen[job_id])
+            await check_stream(http, job_id, first.seen[job_id])
+            assert (row["status"], row["error"]) == ("completed", None), row
+            assert again.count(job_id, "log_update") == 20
+            assert not (home / "jobs" / job_id).exists()
+            await a_new_job_runs_and_nothing_is_left(engine, http)
+    finally:
+        await stopped(server)
+
+
+def has_terminal_line(spool: Path) -> bool:
+    """Whether the worker wrote its terminal line to the job's spool (read as root)."""
+    lines = spool.read_bytes().split(b"\n")[:-1]  # whole lines: the worker may be writing
+    return bool(lines) and is_terminal(json.loads(lines[-1]))
+
+
+# -- the spool: the worker's copy, the server's top-up -------------------------------------
+
+
+def test_a_tee_that_fails_stops_copying_and_the_stream_goes_on(tmp_path: Path) -> None:
+    """The worker's copy of its stream (docker: the spool) never costs the stream itself: a
+    copy that cannot be written (a full disk: /dev/full) or opened ends, said once on stderr,
+    and stdout still gets every line; one that can is the stream byte for byte."""
+    request = tmp_path / "request.json"
+    graph = emitter(2000, size=100)
+    request.write_text(dumps({"job_id": "j", "first_seq": 3, "graph": graph, "params": {}}))
+    copy = tmp_path / "copy.jsonl"
+    copy.touch()
+    cases = {
+        "/dev/full": "stopped copying the stream to /dev/full: [Errno 28] No space left",
+        str(tmp_path / "none" / "copy"): "cannot copy the stream to ",
+        str(copy): None,
+    }
+    for tee, said in cases.items():
+        worker = subprocess.run(
+            [sys.executable, "-m", "nodejob", "worker", "--request", str(request), "--tee", tee],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        stderr = worker.stderr.decode()
+        assert worker.returncode == 0, stderr
+        messages = [json.loads(line) for line in worker.stdout.splitlines()]
+        assert [m["seq"] for m in messages] == list(range(3, 3 + len(messages)))
+        assert sum(m["type"] == "log_update" for m in messages) == 2000
+        assert messages[-1]["status"] == "completed"
+        if said is None:
+            assert stderr == ""
+            assert copy.read_bytes() == worker.stdout
+        else:
+            assert stderr.count("nodejob worker:") == 1, stderr
+            assert said in stderr, stderr
+            assert stderr.rstrip().endswith("; the stream goes on"), stderr
+
+
+async def test_the_spool_tops_up_what_the_log_lost_and_never_makes_things_worse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's side (jobfiles.top_up, on a real message log): a spool brings what the
+    container's log lost, each seq once; an absent, short or corrupt spool adds what it can
+    and fails nothing; the files are made with the modes the module documents."""
+    store = await Store.open(tmp_path / "nodejob.db")
+    try:
+        async with trio.open_nursery() as nursery:
+            log = MessageLog(store, 100)
+            await nursery.start(log.run)
+            await spool_cases(log, tmp_path, caplog)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def spool_cases(log: MessageLog, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cases of the test above, on a running message log."""
+    from nodejob.executions.jobfiles import prepare, top_up
+    from nodejob.executions.stream import StreamIngester
+    from nodejob.protocol import MAX_MESSAGE_BYTES
+    from nodejob.store import JobRecord
+
+    def line(job_id: str, seq: int, kind: str = "log_update", **fields: Any) -> bytes:
+        return dumps({"type": kind, "job_id": job_id, "seq": seq, **fields}).encode() + b"\n"
+
+    def stream(job_id: str, last: int) -> bytes:
+        """seq 2 .. last - 1 log lines (a stray print among them), then the end."""
+        body = b"".join(line(job_id, seq, content=str(seq)) for seq in range(2, last))
+        end = line(job_id, last, "job_update", status="completed", result={"outputs": {}})
+        cut = body.index(b"\n", 100) + 1
+        return body[:cut] + b"not a message\n" + body[cut:] + end
+
+    def ingester_of(job_id: str, log_bytes: bytes, spool: bytes | None) -> StreamIngester:
+        """A job whose container log brought ``log_bytes``, and its spool (None: none)."""
+        log.create(
+            JobRecord(
+                id=job_id,
+                user_id="u1",
+                job_type="workflow",
+                status=JobStatus.STARTING,
+                workflow_id=None,
+                execution_strategy="docker",
+                params={},
+                graph={},
+                created_at=time.time(),
+            )
+        )
+        _, path = prepare(tmp_path / job_id, {"job_id": job_id})
+        if spool is None:
+            path.unlink()
+        else:
+            path.write_bytes(spool)
+        ingester = StreamIngester(log, job_id, source="container c")
+        ingester.feed(log_bytes)
+        return ingester
+
+    # The log lost its end (and stopped mid-line): the spool brings the rest, once each.
+    full = stream("lost", 40)
+    ingester = ingester_of("lost", full[: len(full) // 2], full)
+    await top_up(ingester, tmp_path / "lost", log)
+    assert ingester.outcome is not None
+    assert ingester.outcome.status is JobStatus.COMPLETED
+    assert log.last_seq("lost") == 39
+    assert ingester.skipped == 2  # the stray print, seen in the log and in the spool
+    assert "its spool brought seqs up to 39 and the worker's terminal line" in caplog.text
+
+    # Absent, short, or cut by a line over the limit: what it has, never an error.
+    ingester = ingester_of("absent", full[:300].replace(b"lost", b"absent"), None)
+    before = log.last_seq("absent")
+    await top_up(ingester, tmp_path / "absent", log)
+    assert (ingester.outcome, log.last_seq("absent")) == (None, before)
+    ingester = ingester_of("short", b"", stream("short", 40)[:700])
+    await top_up(ingester, tmp_path / "short", log)
+    assert ingester.outcome is None
+    assert 2 < log.last_seq("short") < 39
+    huge = line("huge", 3, content="x" * MAX_MESSAGE_BYTES)
+    ingester = ingester_of("huge", b"", line("huge", 2) + huge + line("huge", 4))
+    await top_up(ingester, tmp_path / "huge", log)
+    assert (ingester.outcome, log.last_seq("huge")) == (None, 2)
+    assert "stopped reading the spool" in caplog.text
+    # The spool is the server's to read and write; the container's user may only write.
+    directory = tmp_path / "huge"
+    assert (directory / "stream.jsonl").stat().st_mode & 0o777 == 0o622
+    assert (directory / "request.json").stat().st_mode & 0o777 == 0o644
+    assert directory.stat().st_mode & 0o777 == 0o700
 
 
 # -- the sweep of leftover containers ----------------------------------------------------------
@@ -657,10 +879,10 @@ async def test_the_sweep_without_an_engine_costs_one_debug_line(
     config = Config(home=tmp_path / "home", docker_host=f"unix://{tmp_path}/none.sock")
     store = await Store.open(config.db_path)
     try:
-        with caplog.at_level(logging.DEBUG, logger="nodejob.executions.container"):
+        with caplog.at_level(logging.DEBUG, logger="nodejob.executions.engine"):
             assert await sweep_containers(store, config) == 0
     finally:
         store.close()
-    records = [r for r in caplog.records if r.name == "nodejob.executions.container"]
+    records = [r for r in caplog.records if r.name == "nodejob.executions.engine"]
     assert [r.levelname for r in records] == ["DEBUG"]
     assert records[0].getMessage().startswith("container sweep skipped: no Docker engine")

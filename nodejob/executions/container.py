@@ -2,20 +2,24 @@
 
 The container runs ``NODEJOB_DOCKER_IMAGE`` (any image with Python 3.11+: the worker bundle,
 a pure-Python zip of nodejob's worker and trio, is bind-mounted read-only, as is the job's
-request file ``NODEJOB_HOME/jobs/JOB_ID/request.json``) with secure defaults: no network
-unless the job asks (``resources: {"network": true}``) or the server is configured so, memory,
-CPU and process limits, a non-root user, a read-only root filesystem with a small ``/tmp``, no
-capabilities, no-new-privileges, and an init process that forwards signals. It is labelled
-``nodejob.job_id`` and named ``nodejob-JOB_ID``.
+request file ``NODEJOB_HOME/jobs/JOB_ID/request.json``; its spool ``stream.jsonl`` next to it
+is mounted writable) with secure defaults: no network unless the job asks (``resources:
+{"network": true}``) or the server is configured so, memory, CPU and process limits, a
+non-root user, a read-only root filesystem with a small ``/tmp``, no capabilities,
+no-new-privileges, and an init process that forwards signals. It is labelled
+``nodejob.job_id`` and named ``nodejob-JOB_ID`` (``engine.container_options``).
 
 Following: a thread iterates the container's stdout log (``logs(stream=True, follow=True)``)
 and hands the frames to trio in batches (one wakeup per burst, not one thread hop per line);
 the log is pushed by the engine as it is written, so lines arrive within milliseconds, where
-polling ``logs(since=...)`` would add a poll interval of latency and a request per poll. The
-container's log is the durable stream: after a restart the server reads it again from its
-start and the message log drops the seqs it already has. The exit code gives the outcome when
-there is no terminal line. Cancel: ``stop`` (SIGTERM, then SIGKILL after ``kill_grace_s``).
-The container is removed once its messages are committed and its outcome is recorded.
+polling ``logs(since=...)`` would add a poll interval of latency and a request per poll. After
+a restart the server reads the log again from its start and the message log drops the seqs it
+already has. The log is the live stream, the spool the durable one: once the container has
+exited, a log that ended without the worker's terminal line (the engine loses what a container
+wrote while it was down, if the container exits before it is back) is topped up from the spool
+(jobfiles.py), and only then does the exit code give the outcome. Cancel: ``stop`` (SIGTERM, then
+SIGKILL after ``kill_grace_s``). The container and the job's directory are removed once its
+messages are committed and its outcome is recorded.
 
 The engine may go away while a container runs (dockerd restarted, crashed): following then asks
 it again with backoff for ``docker_reconnect_s`` and, once it answers, reads the log again from
@@ -24,39 +28,36 @@ one that the engine stopped makes the job ``failed`` with "the container was sto
 Docker engine stopped or restarted (exit code N)", unless the worker finished first or nodejob
 itself was stopping it (a cancel: then ``cancelled``). An engine that does not come back in time
 fails the job ("lost the Docker engine ..."), a cancelled one with "cancelled, but the container
-could not be verified stopped: ...". ``sweep_containers`` removes what jobs left behind.
+could not be verified stopped: ...", unless the spool shows the worker ended first: its own
+outcome then stands. ``sweep_containers`` removes what jobs left behind.
 
-With ``engine.py`` (clients, calls in threads, the log pump, the sweep), the only module that
-imports docker.
+With ``engine.py`` (clients, calls in threads, the container's options, the log pump, the
+sweep), the only module that imports docker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import math
 import shutil
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
 
-from nodejob.executions import engine
+from nodejob.executions import engine, jobfiles
 from nodejob.executions.base import ExecutionUnavailable, JobExecution, Outcome
 from nodejob.executions.process import job_dir, passed_env
 from nodejob.executions.stream import (
     StreamIngester,
-    describe_exit,
     record_outcome,
     recorded_outcome,
     until_stored,
 )
-from nodejob.protocol import ExecutionStrategy, JobStatus, ProtocolError, dumps
+from nodejob.protocol import ExecutionStrategy, JobStatus, ProtocolError
 
 try:
     import docker
     import docker.errors
-    import docker.types
 except ImportError as exc:  # pragma: no cover - docker is a dependency; a trimmed build may lack it
     raise ExecutionUnavailable(
         "the docker strategy needs the Docker SDK: pip install docker"
@@ -68,10 +69,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_TARGET: Final = "/nodejob/worker.pyz"
-REQUEST_TARGET: Final = "/nodejob/request.json"
-TMPFS: Final = {"/tmp": "rw,noexec,nosuid,size=64m"}
-STDERR_TAIL_LINES: Final = 20
 ENGINE_STOPPED: Final = "the container was stopped while the Docker engine stopped or restarted"
 
 
@@ -90,6 +87,7 @@ class DockerExecution(JobExecution):
     """The engine, back, said the container had exited: it may well have stopped it."""
     _gone = False
     _lost = False
+    _broken = False
     _last_state: dict[str, Any] | None = None
     """The container's state when following ended: it had exited."""
 
@@ -105,16 +103,16 @@ class DockerExecution(JobExecution):
             client = await engine.call(engine.client, self.config.docker_host)
             container = await self._launch(client, first_seq)
         except ExecutionUnavailable as exc:
-            return Outcome(JobStatus.FAILED, error=str(exc))
+            error = str(exc)
         except docker.errors.ImageNotFound:
             image = self.config.docker_image
-            return Outcome(
-                JobStatus.FAILED,
-                error=f"docker image {image} not found: pull or build it first (docker pull {image})",
-            )
+            error = f"docker image {image} not found: pull or build it first (docker pull {image})"
         except (docker.errors.DockerException, OSError) as exc:
-            return Outcome(JobStatus.FAILED, error=f"cannot start the container: {exc}")
-        return await self._follow(container)
+            error = f"cannot start the container: {exc}"
+        else:
+            return await self._follow(container)
+        shutil.rmtree(self.directory, ignore_errors=True)  # a container, if any, is the sweep's
+        return Outcome(JobStatus.FAILED, error=error)
 
     async def resume(self) -> Outcome:
         self._handle = dict(self.job.handle or {})
@@ -124,49 +122,36 @@ class DockerExecution(JobExecution):
             return done
         container_id = self._handle.get("container_id")
         if not container_id:
-            # Killed between creating the container and recording its id: the container may
-            # exist under its name (never started); remove it with the job's spool directory.
+            # Killed before it recorded a container: one may exist under its name, created but
+            # never started. Nothing ran: remove it (and the job's files), launch afresh.
             await self._remove(f"nodejob-{self.job.id}")
-            return Outcome(
-                JobStatus.FAILED, error="the server stopped before the container started"
-            )
+            return await self.run()
         try:
-            container = await self._reach_container(container_id)
+            container = await engine.reach_container(self.config, container_id, self.job.id)
+            if (await engine.call(engine.state, container)).get("Status") == "created":
+                # Killed between recording the container and starting it: start it now (its
+                # request still holds, first_seq included: nothing was logged since).
+                await engine.call(container.start)
         except docker.errors.NotFound:
-            return Outcome(
-                JobStatus.FAILED,
-                error=f"container {container_id[:12]} is gone (removed outside nodejob)",
-            )
+            error = f"container {container_id[:12]} is gone (removed outside nodejob)"
+            return await self._end_without_container(container_id, error)
         except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
             within = self.config.docker_reconnect_s
             error = f"lost the Docker engine: {exc} (not back within {within:g} s)"
-            return Outcome(JobStatus.FAILED, error=error)
+            return await self._end_without_container(container_id, error)
         return await self._follow(container)
 
-    async def _reach_container(self, container_id: str) -> Any:
-        """The container, asking with backoff while the engine does not answer (a server
-        restarted with the engine may start first), for ``docker_reconnect_s`` at most."""
-        backoff = engine.Backoff(self.config.docker_reconnect_s)
-        warned = False
-        while True:
-            try:
-                client = await engine.call(engine.client, self.config.docker_host)
-                return await engine.call(client.containers.get, container_id)
-            except docker.errors.NotFound:
-                raise
-            except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
-                if not warned:
-                    logger.warning(
-                        "job %s: cannot re-adopt container %s yet (%s); asking again for up "
-                        "to %g s",
-                        self.job.id,
-                        container_id[:12],
-                        exc,
-                        self.config.docker_reconnect_s,
-                    )
-                    warned = True
-                if not await backoff.wait():
-                    raise
+    async def _end_without_container(self, container_id: str, error: str) -> Outcome:
+        """Re-adoption found no container to follow: the spool may still say how it ended
+        (the container exited, then went); else the job fails with ``error``. The container,
+        if the engine still has one, is the sweep's."""
+        source = f"container {container_id[:12]}"
+        ingester = StreamIngester(self.log, self.job.id, source=source)
+        await jobfiles.top_up(ingester, self.directory, self.log)
+        outcome = ingester.end() or Outcome(JobStatus.FAILED, error=error)
+        await record_outcome(self.log, self.store, self.job.id, self._handle or {}, outcome)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return outcome
 
     async def request_cancel(self) -> None:
         self._cancel_requested = True
@@ -178,34 +163,10 @@ class DockerExecution(JobExecution):
             self._nursery.start_soon(self._stop, self._container)
 
     async def _stop(self, container: Any) -> None:
-        """docker stop: SIGTERM to the worker, SIGKILL after the grace period.
-
-        While the engine does not answer, asks again with backoff: a cancel during an engine
-        restart must still stop the work. Following owns this task and ends it when it gives
-        up on the engine (after ``docker_reconnect_s``).
-        """
-        grace = max(1, round(self.config.kill_grace_s))
-        backoff = engine.Backoff(math.inf)
-        warned = False
+        """``engine.stop_container``; following owns this task and ends it when it gives up
+        on the engine (after ``docker_reconnect_s``)."""
         try:
-            while True:
-                try:
-                    await engine.call(container.stop, timeout=grace)
-                except docker.errors.NotFound:
-                    pass
-                except docker.errors.APIError:
-                    logger.exception("job %s: docker stop failed; killing", self.job.id)
-                    with contextlib.suppress(docker.errors.DockerException, OSError):
-                        await engine.call(container.kill)
-                except (docker.errors.DockerException, OSError) as exc:
-                    if not warned:
-                        logger.warning(
-                            "job %s: cannot stop the container yet: %s", self.job.id, exc
-                        )
-                        warned = True
-                    await backoff.wait()
-                    continue
-                return
+            await engine.stop_container(container, self.config.kill_grace_s, self.job.id)
         finally:
             self._stopping = False  # a later request (after an engine restart) stops it again
 
@@ -217,53 +178,37 @@ class DockerExecution(JobExecution):
         except BundleError as exc:
             raise OSError(f"cannot build the worker bundle: {exc}") from None
         directory = self.directory
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True, mode=0o700)
-        request = directory / "request.json"
-        request.write_text(
-            dumps(
-                {
-                    "job_id": self.job.id,
-                    "first_seq": first_seq,
-                    "graph": self.job.graph or {},
-                    "params": self.job.params,
-                }
-            ),
-            encoding="utf-8",
+        request, spool = jobfiles.prepare(
+            directory,
+            {
+                "job_id": self.job.id,
+                "first_seq": first_seq,
+                "graph": self.job.graph or {},
+                "params": self.job.params,
+            },
         )
-        request.chmod(0o644)  # the container's user reads it; the directory keeps others out
-        config = self.config
-        network = config.docker_network
+        network = self.config.docker_network
         if self.job.resources.get("network") is True:
             network = "bridge" if network == "none" else network
-        create = functools.partial(
-            engine.call,
-            client.containers.create,
-            config.docker_image,
-            ["python3", "-I", BUNDLE_TARGET, "worker", "--request", REQUEST_TARGET],
-            name=f"nodejob-{self.job.id}",
-            labels={engine.LABEL: self.job.id, engine.HOME_LABEL: str(config.home)},
-            environment={**passed_env(config), "NODEJOB_JOB_ID": self.job.id},
-            mounts=[
-                docker.types.Mount(BUNDLE_TARGET, str(bundle), type="bind", read_only=True),
-                docker.types.Mount(REQUEST_TARGET, str(request), type="bind", read_only=True),
-            ],
-            user=config.docker_user,
-            working_dir="/tmp",
-            network_mode=network,
-            mem_limit=config.docker_memory,
-            memswap_limit=config.docker_memory,  # no swap beyond the memory limit
-            nano_cpus=int(config.docker_cpus * 1e9),
-            pids_limit=config.docker_pids,
-            read_only=True,
-            tmpfs=TMPFS,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            init=True,  # forwards SIGTERM to the worker and reaps
-            log_config=docker.types.LogConfig(type="json-file"),  # readable again after restarts
+        options = engine.container_options(
+            self.config,
+            self.job.id,
+            bundle=bundle,
+            request=request,
+            spool=spool,
+            environment={**passed_env(self.config), "NODEJOB_JOB_ID": self.job.id},
+            network=network,
         )
         with trio.CancelScope(shield=True):  # a created container must get its handle, or go
-            container = await create()
+            try:
+                container = await engine.call(client.containers.create, **options)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: the name is taken
+                    raise
+                # By this job's own container, created for a server that died before it
+                # recorded it (the create was still in flight): never started. Replace it.
+                await engine.call(client.api.remove_container, options["name"], force=True)
+                container = await engine.call(client.containers.create, **options)
         self._handle = {"container_id": container.id, "dir": str(directory)}
         try:
             store_handle = functools.partial(self.store.set_handle, self.job.id, self._handle)
@@ -292,6 +237,8 @@ class DockerExecution(JobExecution):
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+        if not self._broken and ingester.outcome is None:
+            await jobfiles.top_up(ingester, self.directory, self.log)
         outcome = await self._settle(container, ingester, failure)
         await record_outcome(self.log, self.store, self.job.id, self._handle or {}, outcome)
         await self._remove(container.id)
@@ -306,7 +253,7 @@ class DockerExecution(JobExecution):
                 broken = await self._ingest_log(container, ingester, nursery)
                 if broken is not None:
                     return broken
-                state = await engine.call(self._state, container)
+                state = await engine.call(engine.state, container)
             except (docker.errors.DockerException, OSError) as exc:
                 failure = await self._reach_again(container, exc)
                 if failure is not None:
@@ -335,7 +282,7 @@ class DockerExecution(JobExecution):
             )
         while await self._outage.wait():
             try:
-                state = await engine.call(self._state, container)
+                state = await engine.call(engine.state, container)
             except (docker.errors.DockerException, OSError) as exc:
                 error = exc
                 continue
@@ -366,20 +313,25 @@ class DockerExecution(JobExecution):
         self, container: Any, ingester: StreamIngester, failure: str | None
     ) -> Outcome:
         """The job's outcome, once following has ended (early, with a ``failure``, or not)."""
+        outcome = None if self._broken else ingester.end()
         if failure is not None:
+            if outcome is not None:  # the worker had ended (its spool says): that stands
+                return outcome
             if self._cancel_requested and self._gone:
                 return Outcome(JobStatus.CANCELLED)  # no container, nothing runs
             if self._cancel_requested and self._lost:
                 failure = f"cancelled, but the container could not be verified stopped: {failure}"
             return Outcome(JobStatus.FAILED, error=failure)
-        outcome = ingester.end()
         if self._cancel_requested:
             return outcome or Outcome(JobStatus.CANCELLED)
         stopped = outcome is None or outcome.status is JobStatus.CANCELLED
         if stopped and await self._stopped_by_engine():
             code = (self._last_state or {}).get("ExitCode", "unknown")
             return Outcome(JobStatus.FAILED, error=f"{ENGINE_STOPPED} (exit code {code})")
-        return outcome or Outcome(JobStatus.FAILED, error=await self._exit_reason(container))
+        if outcome is None:
+            reason = await engine.exit_reason(container, self.config.docker_memory)
+            return Outcome(JobStatus.FAILED, error=reason)
+        return outcome
 
     async def _stopped_by_engine(self) -> bool:
         """Whether the engine, going away, stopped a container that nodejob did not stop: an
@@ -420,6 +372,7 @@ class DockerExecution(JobExecution):
                             ingester.feed(frame)
                     except ProtocolError as exc:
                         self._start_stop()
+                        self._broken = True
                         broken = f"the worker's stream is broken: {exc}"
                     await self.log.drain()
                     if ingester.outcome is not None and not straggler:
@@ -438,34 +391,6 @@ class DockerExecution(JobExecution):
     async def _kill_straggler(self, container: Any) -> None:
         await trio.sleep(self.config.kill_grace_s)
         self._start_stop()
-
-    @staticmethod
-    def _state(container: Any) -> dict[str, Any]:
-        try:
-            container.reload()
-        except docker.errors.NotFound:
-            return {}
-        state: dict[str, Any] = container.attrs.get("State", {})
-        return state
-
-    async def _exit_reason(self, container: Any) -> str:
-        """Why a worker ended without its terminal line: exit code, OOM kill, stderr."""
-        try:
-            result = await engine.call(container.wait, timeout=engine.CONNECT_TIMEOUT_S)
-            state = await engine.call(self._state, container)
-            raw = await engine.call(
-                container.logs, stdout=False, stderr=True, tail=STDERR_TAIL_LINES
-            )
-        except (docker.errors.DockerException, OSError) as exc:
-            return f"worker ended without a result (its container cannot be inspected: {exc})"
-        code = int(result.get("StatusCode", -1))
-        if state.get("OOMKilled"):
-            return f"worker killed: out of memory (limit {self.config.docker_memory})"
-        lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines()]
-        detail = next((line for line in reversed(lines) if line), "")[:500]
-        if code > 128:  # the container's init reports a signal as 128 + its number
-            return describe_exit(128 - code, detail)
-        return describe_exit(code, detail)
 
     async def _remove(self, container_id: str | None) -> None:
         if container_id:

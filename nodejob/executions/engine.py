@@ -5,8 +5,9 @@ server that runs no docker job never loads the SDK. Every SDK call runs in a wor
 (``trio.to_thread.run_sync(..., abandon_on_cancel=True)`` under a CapacityLimiter): ``call``.
 ``client`` connects at once, so an unreachable engine is a clear ExecutionUnavailable, never a
 hang; ``listens`` tells an engine that is going away from one that answers; ``Backoff`` paces
-the attempts to reach one that went away; ``LogPump`` hands a container's log to trio in
-batches; ``sweep_containers`` removes what jobs of this home left behind.
+the attempts to reach one that went away (``reach_container``, ``stop_container``);
+``container_options`` is what a job's container is made of; ``LogPump`` hands a container's log to trio in batches; ``state`` and ``exit_reason``
+read how it ended; ``sweep_containers`` removes what jobs of this home left behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import threading
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from nodejob.executions.base import ExecutionUnavailable
+from nodejob.executions.stream import describe_exit
 
 try:
     import docker
     import docker.errors
+    import docker.types
 except ImportError as exc:  # pragma: no cover - docker is a dependency; a trimmed build may lack it
     raise ExecutionUnavailable(
         "the docker strategy needs the Docker SDK: pip install docker"
@@ -35,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - docker is a dependency; a trimm
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from nodejob.config import Config
     from nodejob.store import Store
@@ -52,6 +57,12 @@ RECONNECT_MAX_S: Final = 2.0
 """Pauses between attempts to reach an engine that went away double from the first to the
 max: a quick restart is noticed within a fraction of a second, a long outage costs a
 request every two seconds per job."""
+BUNDLE_TARGET: Final = "/nodejob/worker.pyz"
+REQUEST_TARGET: Final = "/nodejob/request.json"
+SPOOL_TARGET: Final = "/nodejob/stream.jsonl"
+"""Where a container sees the worker bundle, its request and its spool (bind mounts)."""
+TMPFS: Final = {"/tmp": "rw,noexec,nosuid,size=64m"}
+STDERR_TAIL_LINES: Final = 20
 _CALLS: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("docker_calls")
 STREAMS: Final = trio.lowlevel.RunVar[trio.CapacityLimiter]("docker_streams")
 _clients: dict[str, Any] = {}
@@ -136,6 +147,61 @@ def _check_socket(path: str) -> None:
         probe.connect(path)
 
 
+async def reach_container(config: Config, container_id: str, job_id: str) -> Any:
+    """The container, asking with backoff while the engine does not answer (a server
+    restarted with the engine may start first), for ``config.docker_reconnect_s`` at most.
+
+    Raises docker.errors.NotFound at once; the last failure once the time is up.
+    """
+    backoff = Backoff(config.docker_reconnect_s)
+    warned = False
+    while True:
+        try:
+            docker_client = await call(client, config.docker_host)
+            return await call(docker_client.containers.get, container_id)
+        except docker.errors.NotFound:
+            raise
+        except (docker.errors.DockerException, ExecutionUnavailable, OSError) as exc:
+            if not warned:
+                logger.warning(
+                    "job %s: cannot re-adopt container %s yet (%s); asking again for up to %g s",
+                    job_id,
+                    container_id[:12],
+                    exc,
+                    config.docker_reconnect_s,
+                )
+                warned = True
+            if not await backoff.wait():
+                raise
+
+
+async def stop_container(container: Any, grace_s: float, job_id: str) -> None:
+    """docker stop: SIGTERM to the worker, SIGKILL after ``grace_s``; a kill if stop fails.
+
+    While the engine does not answer, asks again with backoff, without end: a cancel during an
+    engine restart must still stop the work. Cancellation: the caller's way to give up.
+    """
+    grace = max(1, round(grace_s))
+    backoff = Backoff(math.inf)
+    warned = False
+    while True:
+        try:
+            await call(container.stop, timeout=grace)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError:
+            logger.exception("job %s: docker stop failed; killing", job_id)
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                await call(container.kill)
+        except (docker.errors.DockerException, OSError) as exc:
+            if not warned:
+                logger.warning("job %s: cannot stop the container yet: %s", job_id, exc)
+                warned = True
+            await backoff.wait()
+            continue
+        return
+
+
 class Backoff:
     """Pauses between attempts to reach an engine that went away, for ``within`` s in all."""
 
@@ -152,6 +218,51 @@ class Backoff:
         await trio.sleep(min(self._delay, left))
         self._delay = min(2 * self._delay, RECONNECT_MAX_S)
         return True
+
+
+def container_options(
+    config: Config,
+    job_id: str,
+    *,
+    bundle: Path,
+    request: Path,
+    spool: Path,
+    environment: dict[str, str],
+    network: str,
+) -> dict[str, Any]:
+    """The arguments of ``containers.create`` for a job's container (see container.py).
+
+    The worker bundle and the request are mounted read-only, the spool (a file the server
+    made writable for the container's user: jobfiles.py) read-write; nothing else of the host.
+    """
+    return {
+        "image": config.docker_image,
+        "command": [
+            *("python3", "-I", BUNDLE_TARGET, "worker"),
+            *("--request", REQUEST_TARGET, "--tee", SPOOL_TARGET),
+        ],
+        "name": f"nodejob-{job_id}",
+        "labels": {LABEL: job_id, HOME_LABEL: str(config.home)},
+        "environment": environment,
+        "mounts": [
+            docker.types.Mount(BUNDLE_TARGET, str(bundle), type="bind", read_only=True),
+            docker.types.Mount(REQUEST_TARGET, str(request), type="bind", read_only=True),
+            docker.types.Mount(SPOOL_TARGET, str(spool), type="bind", read_only=False),
+        ],
+        "user": config.docker_user,
+        "working_dir": "/tmp",
+        "network_mode": network,
+        "mem_limit": config.docker_memory,
+        "memswap_limit": config.docker_memory,  # no swap beyond the memory limit
+        "nano_cpus": int(config.docker_cpus * 1e9),
+        "pids_limit": config.docker_pids,
+        "read_only": True,
+        "tmpfs": TMPFS,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "init": True,  # forwards SIGTERM to the worker and reaps
+        "log_config": docker.types.LogConfig(type="json-file"),  # readable again after restarts
+    }
 
 
 class LogPump:
@@ -217,6 +328,34 @@ class LogPump:
         self._closed = True
         if self._stream is not None:
             self._stream.close()
+
+
+def state(container: Any) -> dict[str, Any]:
+    """(In a thread.) The container's ``State`` now; {} if it is gone."""
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return {}
+    found: dict[str, Any] = container.attrs.get("State", {})
+    return found
+
+
+async def exit_reason(container: Any, memory_limit: str) -> str:
+    """Why a worker ended without its terminal line: exit code, OOM kill, stderr."""
+    try:
+        result = await call(container.wait, timeout=CONNECT_TIMEOUT_S)
+        ended = await call(state, container)
+        raw = await call(container.logs, stdout=False, stderr=True, tail=STDERR_TAIL_LINES)
+    except (docker.errors.DockerException, OSError) as exc:
+        return f"worker ended without a result (its container cannot be inspected: {exc})"
+    code = int(result.get("StatusCode", -1))
+    if ended.get("OOMKilled"):
+        return f"worker killed: out of memory (limit {memory_limit})"
+    lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines()]
+    detail = next((line for line in reversed(lines) if line), "")[:500]
+    if code > 128:  # the container's init reports a signal as 128 + its number
+        return describe_exit(128 - code, detail)
+    return describe_exit(code, detail)
 
 
 async def sweep_containers(store: Store, config: Config) -> int:
