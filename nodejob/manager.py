@@ -277,8 +277,8 @@ class JobExecutionManager:
 
     async def _sweep_containers(self) -> None:
         """Remove the containers that finished or unknown jobs of this home left behind (see
-        ``executions/container.py``), once this process has docker jobs (started or
-        re-adopted): a server that runs none never loads the Docker SDK."""
+        ``executions/engine.py``), if this home has ever had docker jobs: a server that has
+        none never loads the Docker SDK."""
         if not (self._docker_seen or self._started[ExecutionStrategy.DOCKER.value]):
             return
         try:
@@ -290,10 +290,11 @@ class JobExecutionManager:
 
     async def recover(self) -> None:
         """Settle the unfinished jobs an earlier server process left in the database."""
+        # Containers a dead server left can belong to finished jobs only: sweep them too.
+        self._docker_seen = await self.store.has_jobs_of(ExecutionStrategy.DOCKER.value)
         for job in await self.store.unfinished_jobs():
             self.log.adopt(job)
             strategy = ExecutionStrategy(job.execution_strategy)
-            self._docker_seen |= strategy is ExecutionStrategy.DOCKER
             try:
                 cls = execution_class(strategy)
                 graph = validate_graph(job.graph or {}, default_registry())

@@ -458,6 +458,13 @@ class Store:
         more = len(rows) > limit
         return jobs, (_encode_key(jobs[-1]) if more and jobs else None)
 
+    async def has_jobs_of(self, strategy: str) -> bool:
+        """Whether any job ever ran under ``strategy`` (one scan at most, at start-up)."""
+        rows = await self._read(
+            "SELECT 1 FROM jobs WHERE execution_strategy = ? LIMIT 1", (strategy,)
+        )
+        return bool(rows)
+
     async def unfinished_jobs(self, user_id: str | None = None) -> list[JobRecord]:
         """Jobs in ``starting``/``running``: the user's, or everyone's when user_id is None."""
         # The partial index holds only unfinished jobs; left to itself, SQLite would walk the
