@@ -191,7 +191,8 @@ async def test_slow_readers_never_hold_back_the_job_or_the_fast_readers(tmp_path
         gaps[name] = sum(m["type"] == "gap" for m in seen)
     assert all(gaps[f"fast{i}"] == 0 for i in range(FAST_READERS)), gaps
     assert all(gaps[f"slow{i}"] >= 1 for i in range(SLOW_READERS)), gaps
-    assert max(when_fast_done) < last_seq // 2, when_fast_done
+    # Held back, they would be at the end with the fast ones (and have had no gap).
+    assert max(when_fast_done) < last_seq * 2 // 3, when_fast_done
     grown_mib = (rss_peak - rss_before) / 1024
     assert grown_mib < 128, f"the readers grew the server by {grown_mib:.0f} MiB"
     assert "Traceback" not in server.stderr(), server.stderr()
