@@ -34,6 +34,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
+from nodejob.protocol import dumps
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
@@ -143,6 +145,23 @@ def install_plugin(directory: Path, module: str, source: str, entry_points: dict
     lines = "".join(f"{key} = {value}\n" for key, value in entry_points.items())
     (info / "entry_points.txt").write_text("[nodejob.nodes]\n" + lines)
     return directory
+
+
+async def stored_stream(http: httpx.AsyncClient, job_id: str) -> list[str]:
+    """The job's stored messages as their JSON text, read over REST in pages of 97 (an odd
+    size, so that page edges fall anywhere)."""
+    texts: list[str] = []
+    after = 0
+    while True:
+        response = await http.get(
+            f"/api/jobs/{job_id}/messages", params={"after_seq": after, "limit": 97}
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()
+        texts += [dumps(m) for m in page["messages"]]
+        if not page["has_more"]:
+            return texts
+        after = page["last_seq"]
 
 
 async def metric(http: httpx.AsyncClient, name: str) -> float:

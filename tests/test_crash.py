@@ -47,7 +47,6 @@ import os
 import random
 import re
 import signal
-import textwrap
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -66,8 +65,10 @@ from tests.hardening import (
     TERMINAL,
     RawWebSocket,
     WsClosed,
+    install_plugin,
     poll_until,
     start_server_process,
+    stored_stream,
 )
 
 if TYPE_CHECKING:
@@ -165,22 +166,6 @@ def server_env(**extra: str) -> dict[str, str]:
         env["NODEJOB_RAY_ADDRESS"] = RAY_ADDRESS
     env.update(extra)
     return env
-
-
-async def stored_stream(http: httpx.AsyncClient, job_id: str) -> list[str]:
-    """The job's stored messages (as their JSON text), read page by page over REST."""
-    texts: list[str] = []
-    after = 0
-    while True:
-        response = await http.get(
-            f"/api/jobs/{job_id}/messages", params={"after_seq": after, "limit": 97}
-        )
-        assert response.status_code == 200, response.text
-        page = response.json()
-        texts += [dumps(m) for m in page["messages"]]
-        if not page["has_more"]:
-            return texts
-        after = page["last_seq"]
 
 
 async def all_jobs(http: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -614,14 +599,11 @@ def live_group_members(pgid: int) -> list[int]:
 async def test_a_subprocess_worker_that_ignores_sigterm_is_killed_after_the_grace(
     tmp_path: Path,
 ) -> None:
-    plugin = tmp_path / "plugin"
-    (plugin / "crashtest_plugin-0.dist-info").mkdir(parents=True)
-    (plugin / "crashtest_plugin.py").write_text(textwrap.dedent(STUBBORN_PLUGIN))
-    (plugin / "crashtest_plugin-0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: crashtest-plugin\nVersion: 0\n"
-    )
-    (plugin / "crashtest_plugin-0.dist-info" / "entry_points.txt").write_text(
-        "[nodejob.nodes]\nstubborn = crashtest_plugin:Stubborn\n"
+    plugin = install_plugin(
+        tmp_path / "plugin",
+        "crashtest_plugin",
+        STUBBORN_PLUGIN,
+        {"stubborn": "crashtest_plugin:Stubborn"},
     )
     grace = 1.0
     env = server_env(PYTHONPATH=str(plugin), NODEJOB_KILL_GRACE_S=str(grace))

@@ -39,7 +39,14 @@ from nodejob.log import MessageLog
 from nodejob.manager import open_manager
 from nodejob.protocol import ExecutionStrategy, JobStatus, ProcessingContext, RunJobRequest, dumps
 from nodejob.store import Store
-from tests.hardening import TERMINAL, RawWebSocket, emitter, poll_until, start_server_process
+from tests.hardening import (
+    TERMINAL,
+    RawWebSocket,
+    emitter,
+    poll_until,
+    start_server_process,
+    stored_stream,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -321,22 +328,6 @@ class Follower:
 
 def is_terminal(message: dict[str, Any]) -> bool:
     return message["type"] == "job_update" and message["status"] in TERMINAL
-
-
-async def stored_stream(http: httpx.AsyncClient, job_id: str) -> list[str]:
-    """The job's stored messages as their JSON text, read over REST page by page."""
-    texts: list[str] = []
-    after = 0
-    while True:
-        response = await http.get(
-            f"/api/jobs/{job_id}/messages", params={"after_seq": after, "limit": 97}
-        )
-        assert response.status_code == 200, response.text
-        page = response.json()
-        texts += [dumps(m) for m in page["messages"]]
-        if not page["has_more"]:
-            return texts
-        after = page["last_seq"]
 
 
 async def check_stream(
