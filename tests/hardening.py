@@ -181,6 +181,34 @@ def rss_kib(pid: int | str = "self") -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+# -- containers, as the engine lists them --------------------------------------------------
+
+
+def container_names(client: Any, **filters: Any) -> list[str]:
+    """Names of the engine's containers (all states) that match ``filters``, sorted.
+
+    The low-level list, one request: the SDK's ``containers.list`` inspects each container in
+    turn and raises NotFound when one is removed between the list and its inspect.
+    """
+    found = client.api.containers(all=True, filters=filters)
+    return sorted(name.lstrip("/") for info in found for name in info["Names"][:1])
+
+
+def remove_containers(client: Any, **filters: Any) -> list[tuple[str, str]]:
+    """Force-remove the containers that match ``filters``; return (name, state) of each removed.
+
+    One that vanished meanwhile (its job, or the product's sweep, removed it) is not an error.
+    """
+    import docker
+
+    removed = []
+    for info in client.api.containers(all=True, filters=filters):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_container(info["Id"], force=True)
+            removed.append((info["Names"][0].lstrip("/"), info["State"]))
+    return sorted(removed)
+
+
 # -- a bare WebSocket client ---------------------------------------------------------------
 
 

@@ -65,8 +65,10 @@ from tests.hardening import (
     TERMINAL,
     RawWebSocket,
     WsClosed,
+    container_names,
     install_plugin,
     poll_until,
+    remove_containers,
     start_server_process,
     stored_stream,
 )
@@ -321,9 +323,8 @@ def reap_leftovers(home: Path) -> list[str]:
         client = docker.from_env()
         try:
             label = f"nodejob.home={home}"
-            for container in client.containers.list(all=True, filters={"label": label}):
-                found.append(f"container {container.name} {container.status}")
-                container.remove(force=True)
+            removed = remove_containers(client, label=label)
+            found += [f"container {name} {state}" for name, state in removed]
         finally:
             client.close()
     return found
@@ -742,8 +743,7 @@ async def test_a_kill_between_creating_a_container_and_storing_its_handle_leaves
         # Nothing had run: the next server removed the created container and launched anew.
         assert (row["status"], row["error"]) == ("completed", None)
         label = f"nodejob.home={home}"
-        left = client.containers.list(all=True, filters={"label": label})
-        assert [c.name for c in left] == []
+        assert container_names(client, label=label) == []
     finally:
         client.close()
         reap_leftovers(home)

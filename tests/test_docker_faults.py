@@ -42,8 +42,10 @@ from nodejob.store import Store
 from tests.hardening import (
     TERMINAL,
     RawWebSocket,
+    container_names,
     emitter,
     poll_until,
+    remove_containers,
     start_server_process,
     stored_stream,
 )
@@ -164,10 +166,9 @@ class PrivateEngine:
         return docker.DockerClient(base_url=self.host, timeout=30)
 
     async def container_names(self, **filters: Any) -> list[str]:
-        found = await trio.to_thread.run_sync(
-            functools.partial(self.client.containers.list, all=True, filters=filters)
+        return await trio.to_thread.run_sync(
+            functools.partial(container_names, self.client, **filters)
         )
-        return sorted(container.name for container in found)
 
     def load_image(self, image: str) -> None:
         """``docker save IMAGE`` from the shared engine, ``docker load`` into this one."""
@@ -191,8 +192,7 @@ class PrivateEngine:
         with contextlib.suppress(Exception):
             if not self.running:  # started without --live-restore, it stops what runs
                 self.start_sync(live_restore=False)
-            for container in self.client.containers.list(all=True):
-                container.remove(force=True)
+            remove_containers(self.client)
         with contextlib.suppress(Exception):
             self.client.close()
         if self.process is not None:

@@ -42,6 +42,7 @@ from nodejob.protocol import (
     loads,
 )
 from nodejob.store import JobRecord, Store
+from tests.hardening import remove_containers
 
 DOCKER_IMAGE = os.environ.get("NODEJOB_TEST_DOCKER_IMAGE")
 DOCKER = [
@@ -111,8 +112,7 @@ async def store(config: Config):
             os.killpg(handle["pid"], signal.SIGKILL)
     if DOCKER_IMAGE:
         label = f"nodejob.home={config.home}"
-        for container in docker_client().containers.list(all=True, filters={"label": label}):
-            container.remove(force=True)
+        remove_containers(docker_client(), label=label)
 
 
 def run(graph: dict[str, Any], strategy: str, **kwargs: Any) -> RunJobRequest:

@@ -614,7 +614,21 @@ async def test_a_server_stopped_while_the_disk_is_full_leaves_the_worker_to_the_
                 await poll_until(writing, seconds=60)
                 while len(before) < 10:
                     before.append(await ws.receive())
-                filler = fill(disk)
+                # The server must hold whole lines it has yet to commit when the disk fills:
+                # filled while it keeps up, the worker's last write may fit only part of a
+                # line in its page and the server then has nothing to commit. So the server
+                # is paused while the worker writes 20 lines more, and the disk fills.
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    mark = spool_lines(spool)
+
+                    async def ahead() -> bool:
+                        return spool_lines(spool) >= mark + 20
+
+                    await poll_until(ahead, seconds=60)
+                    filler = fill(disk)
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
                 assert b'"status":"completed"' not in spool.read_bytes()
                 await wait_for_metric(http, "nodejob_log_commit_failing", 1)
                 handle = stored_handle(db, job_id)
