@@ -311,3 +311,90 @@ async def test_metrics_and_openapi(server: Server) -> None:
             "/metrics",
         ):
             assert path in spec["paths"], path
+
+
+async def test_null_optional_fields_of_a_run_mean_their_defaults_and_the_schema_says_so(
+    server: Server,
+) -> None:
+    """schemathesis found this: ``params: null`` was accepted (as ``{}``, the WebSocket's
+    reading of null) while /openapi.json said params must be an object."""
+    from jsonschema import Draft202012Validator
+
+    body = {
+        "graph": {"edges": []},
+        "params": None,
+        "job_type": None,
+        "resources": None,
+        "execution_strategy": None,
+        "timeout_seconds": None,
+        "workflow_id": None,
+    }
+    async with server.client() as http:
+        spec = (await http.get("/openapi.json")).json()
+        run_job = spec["paths"]["/api/jobs/"]["post"]["requestBody"]["content"]
+        schema = {**run_job["application/json"]["schema"], "components": spec["components"]}
+        assert list(Draft202012Validator(schema).iter_errors(body)) == []
+        assert list(Draft202012Validator(schema).iter_errors({**body, "params": []})) != []
+        response = await http.post("/api/jobs/", json=body)
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert (job["params"], job["job_type"], job["execution_strategy"]) == (
+            {},
+            "workflow",
+            "threaded",
+        )
+        assert (await wait_status(http, job["id"], "completed"))["status"] == "completed"
+        response = await http.post("/api/jobs/", json={**body, "params": []})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == "params must be an object"
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "problem"),
+    [
+        ("/api/jobs/", "?foo=1", "foo: Extra inputs are not permitted"),
+        ("/api/jobs/", "?limit=5.0", "limit: Value error, must be a whole number"),
+        ("/api/jobs/", "?limit=%2B5", "limit: Value error, must be a whole number"),
+        ("/api/jobs/", "?limit=5&limit=6", "limit: Input should be a valid integer"),
+        ("/api/jobs/", "?workflow_id=a&workflow_id=b", "workflow_id: Input should be a valid"),
+        ("{job}/messages", "?afterseq=5", "afterseq: Extra inputs are not permitted"),
+        ("{job}/messages", "?after_seq=0.0", "after_seq: Value error, must be a whole number"),
+        ("{job}/messages", "?after_seq=%201", "after_seq: Value error, must be a whole number"),
+        ("{job}/messages", "?limit=1_0", "limit: Value error, must be a whole number"),
+        ("{job}/events", "?after_seq=0.0", "after_seq: Value error, must be a whole number"),
+        ("{job}/events", "?after_seq=1&token=a&token=b", "token: Input should be a valid"),
+        ("{job}/events", "?after=1", "after: Extra inputs are not permitted"),
+    ],
+)
+async def test_a_query_parameter_the_schema_does_not_declare_or_allow_is_a_422(
+    server: Server, path: str, query: str, problem: str
+) -> None:
+    """schemathesis found these taken silently: a mistyped ``after_seq`` would replay a job
+    from its start, and ``after_seq=0.0`` was read as 0 though the schema says integer."""
+    async with server.client() as http:
+        job = (await http.post("/api/jobs/", json={"graph": {}})).json()
+        url = path.replace("{job}", f"/api/jobs/{job['id']}") + query
+        response = await http.get(url)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith(problem), response.text
+        # What the schema declares still works.
+        ok = path.replace("{job}", f"/api/jobs/{job['id']}") + "?limit=5"
+        if path.endswith("events"):
+            ok = ok.replace("limit=5", "after_seq=0")
+        assert (await http.get(ok)).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["5.0", "+5", "5_0", "x", "-1"])
+async def test_last_event_id_must_be_decimal_digits(server: Server, value: str) -> None:
+    async with server.client() as http:
+        job = (await http.post("/api/jobs/", json={"graph": {}})).json()
+        await wait_status(http, job["id"], "completed")
+        events = f"/api/jobs/{job['id']}/events"
+        response = await http.get(events, headers={"Last-Event-ID": value})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == (
+            "Last-Event-ID must be a whole number written in decimal digits"
+        )
+        # Past the end: nothing more (a reader already past the last seq of a finished job).
+        response = await http.get(events, headers={"Last-Event-ID": "9" * 30})
+        assert (response.status_code, response.text) == (200, "")

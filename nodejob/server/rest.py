@@ -37,6 +37,7 @@ from nodejob.protocol import (
 )
 from nodejob.server import ws
 from nodejob.server.auth import authenticate, bearer_token
+from nodejob.server.query import QueryInt, QueryModel, QueryStr
 from nodejob.workflow import GraphError
 
 if TYPE_CHECKING:
@@ -148,13 +149,14 @@ class RunJob(BaseModel):
         }
     )
 
+    # As on the WebSocket, null means "not given" for every optional field; the schema says so.
     graph: Graph | None = None
     workflow_id: str | None = None
-    params: dict[str, Any] = {}
-    job_type: str = "workflow"
+    params: dict[str, Any] | None = {}
+    job_type: str | None = "workflow"
     execution_strategy: ExecutionStrategy | None = None
     timeout_seconds: float | None = Field(None, gt=0)
-    resources: dict[str, Any] = {}
+    resources: dict[str, Any] | None = {}
 
 
 class Cancelled(BaseModel):
@@ -192,15 +194,15 @@ class Health(BaseModel):
     status: str
 
 
-class JobsQuery(BaseModel):
-    workflow_id: str | None = None
-    limit: int = Field(100, ge=1, le=MAX_JOBS_PAGE)
-    start_key: str | None = Field(None, description="opaque; from the Link rel=next header")
+class JobsQuery(QueryModel):
+    workflow_id: QueryStr = None
+    limit: QueryInt = Field(100, ge=1, le=MAX_JOBS_PAGE)
+    start_key: QueryStr = Field(None, description="opaque; from the Link rel=next header")
 
 
-class MessagesQuery(BaseModel):
-    after_seq: int = Field(0, ge=0)
-    limit: int = Field(1000, ge=1, le=MAX_MESSAGES_PAGE)
+class MessagesQuery(QueryModel):
+    after_seq: QueryInt = Field(0, ge=0)
+    limit: QueryInt = Field(1000, ge=1, le=MAX_MESSAGES_PAGE)
 
 
 class OpenAPI(OpenAPIProvider):
@@ -317,7 +319,7 @@ LAST_EVENT_ID: Final = {
     "in": "header",
     "required": False,
     "description": "resume after this seq (EventSource sends it when it reconnects)",
-    "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
+    "schema": {"type": "string", "pattern": "^[0-9]*$"},
 }
 
 

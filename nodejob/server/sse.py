@@ -18,6 +18,8 @@ from quart import Response, abort, g, request
 from quart_schema import document_response
 from quart_schema import validate_querystring as query
 
+from nodejob.server.query import DIGITS, QueryInt, QueryModel, QueryStr
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -28,9 +30,9 @@ if TYPE_CHECKING:
 _HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class EventsQuery(BaseModel):
-    after_seq: int | None = Field(None, ge=0, description="overridden by Last-Event-ID")
-    token: str | None = Field(None, description="for EventSource, which cannot send headers")
+class EventsQuery(QueryModel):
+    after_seq: QueryInt = Field(0, ge=0, description="overridden by Last-Event-ID")
+    token: QueryStr = Field(None, description="for EventSource, which cannot send headers")
 
 
 class EventStream(BaseModel):
@@ -50,15 +52,12 @@ def register(app: QuartTrio, state: ServerState) -> None:
         job = await manager.get_job(job_id)
         if job is None or job.user_id != user.id:
             abort(404, f"Job not found: {job_id}")
-        after_seq = query_args.after_seq or 0
-        last_event_id = request.headers.get("Last-Event-ID")
-        if last_event_id is not None and last_event_id.strip():
-            try:
-                after_seq = int(last_event_id)
-            except ValueError:
-                after_seq = -1
-            if after_seq < 0:
-                abort(422, "Last-Event-ID must be a non-negative integer")
+        after_seq = query_args.after_seq
+        last_event_id = request.headers.get("Last-Event-ID", "")  # blanks stripped by h11
+        if last_event_id:
+            if not DIGITS.fullmatch(last_event_id):
+                abort(422, "Last-Event-ID must be a whole number written in decimal digits")
+            after_seq = int(last_event_id)
         response = Response(
             _events(state, job_id, after_seq), content_type="text/event-stream", headers=_HEADERS
         )
