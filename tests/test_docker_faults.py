@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import pytest
@@ -51,7 +51,7 @@ from tests.hardening import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from tests.hardening import ServerProcess
 
@@ -381,6 +381,28 @@ async def stopped(server: ServerProcess) -> None:
     assert "Traceback" not in server.stderr(), server.stderr()[-3000:]
 
 
+class Served(NamedTuple):
+    server: ServerProcess
+    ws: RawWebSocket
+    http: httpx.AsyncClient
+    follower: Follower
+
+
+@contextlib.asynccontextmanager
+async def serving(engine: PrivateEngine, home: Path, **env: str) -> AsyncIterator[Served]:
+    """A server on ``engine`` with one WebSocket follower and an HTTP client; on the way out
+    the server must stop cleanly (``stopped``), also when the block stopped it already."""
+    server = await start_server_process(home, env=server_env(engine, **env))
+    try:
+        async with (
+            await RawWebSocket.open(server.url, server.token) as ws,
+            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
+        ):
+            yield Served(server, ws, http, Follower(ws))
+    finally:
+        await stopped(server)
+
+
 def figures(name: str, **values: Any) -> None:
     print(f"\n{name} FIGURES: {values}")
 
@@ -392,38 +414,28 @@ async def test_an_engine_restarted_with_live_restore_loses_and_doubles_nothing(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     await engine.ensure(live_restore=True)
-    server = await start_server_process(tmp_path / "home", env=server_env(engine))
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            follower = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                job_id = await follower.run_job(emitter(60, size=80, interval=0.1))
-                await follower.until(lambda: follower.count(job_id, "log_update") >= 5)
-                down = trio.current_time()
-                await engine.stop()
-                stopped_at = trio.current_time()
-                row = (await http.get(f"/api/jobs/{job_id}")).json()
-                assert row["status"] == "running", row  # waiting for the engine, not failed
-                before = row["last_seq"]
-                await engine.start(live_restore=True)
-                up = trio.current_time()
-                await follower.until(lambda: follower.ended(job_id))
-            seen = follower.seen[job_id]
-            row = await check_stream(http, job_id, seen)
-            assert (row["status"], row["error"]) == ("completed", None), row
-            assert row["result"] == {"outputs": {"n": 60}}
-            assert follower.count(job_id, "log_update") == 60
-            first_after = next(
-                at
-                for m, at in zip(seen, follower.arrived[job_id], strict=True)
-                if m["seq"] > before
-            )
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, tmp_path / "home") as (server, _ws, http, follower):
+        with trio.fail_after(DEADLINE_S):
+            job_id = await follower.run_job(emitter(60, size=80, interval=0.1))
+            await follower.until(lambda: follower.count(job_id, "log_update") >= 5)
+            down = trio.current_time()
+            await engine.stop()
+            stopped_at = trio.current_time()
+            row = (await http.get(f"/api/jobs/{job_id}")).json()
+            assert row["status"] == "running", row  # waiting for the engine, not failed
+            before = row["last_seq"]
+            await engine.start(live_restore=True)
+            up = trio.current_time()
+            await follower.until(lambda: follower.ended(job_id))
+        seen = follower.seen[job_id]
+        row = await check_stream(http, job_id, seen)
+        assert (row["status"], row["error"]) == ("completed", None), row
+        assert row["result"] == {"outputs": {"n": 60}}
+        assert follower.count(job_id, "log_update") == 60
+        first_after = next(
+            at for m, at in zip(seen, follower.arrived[job_id], strict=True) if m["seq"] > before
+        )
+        await a_new_job_runs_and_nothing_is_left(engine, http)
     again = re.search(r"Docker engine answers again after ([\d.]+) s", server.stderr())
     assert again, server.stderr()  # it noticed the engine go, and come back
     figures(
@@ -440,26 +452,18 @@ async def test_an_engine_restarted_without_live_restore_fails_the_job_with_the_r
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     await engine.ensure(live_restore=False)
-    server = await start_server_process(tmp_path / "home", env=server_env(engine))
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            follower = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                job_id = await follower.run_job(emitter(400, size=80, interval=0.05))
-                await follower.until(lambda: follower.count(job_id, "log_update") >= 5)
-                await engine.stop()  # it stops the container: the worker takes it for a cancel
-                await engine.start(live_restore=False)
-                await follower.until(lambda: follower.ended(job_id))
-            row = await check_stream(http, job_id, follower.seen[job_id])
-            assert row["status"] == "failed", row
-            assert re.fullmatch(rf"{ENGINE_STOPPED} \(exit code \d+\)", row["error"]), row
-            assert follower.count(job_id, "log_update") < 400
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, tmp_path / "home") as (_server, _ws, http, follower):
+        with trio.fail_after(DEADLINE_S):
+            job_id = await follower.run_job(emitter(400, size=80, interval=0.05))
+            await follower.until(lambda: follower.count(job_id, "log_update") >= 5)
+            await engine.stop()  # it stops the container: the worker takes it for a cancel
+            await engine.start(live_restore=False)
+            await follower.until(lambda: follower.ended(job_id))
+        row = await check_stream(http, job_id, follower.seen[job_id])
+        assert row["status"] == "failed", row
+        assert re.fullmatch(rf"{ENGINE_STOPPED} \(exit code \d+\)", row["error"]), row
+        assert follower.count(job_id, "log_update") < 400
+        await a_new_job_runs_and_nothing_is_left(engine, http)
     figures("no-live-restore", error=row["error"], messages=len(follower.seen[job_id]))
 
 
@@ -467,74 +471,58 @@ async def test_a_cancel_while_the_engine_is_away_ends_cancelled_once_it_is_back(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     await engine.ensure(live_restore=True)
-    server = await start_server_process(tmp_path / "home", env=server_env(engine))
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            follower = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                job_id = await follower.run_job(sleeper())
-                await follower.until(lambda: follower.node_running(job_id))
-                await engine.stop()
-                await ws.command("cancel_job", job_id=job_id)
-                await follower.until(lambda: bool(follower.replies))
-                assert follower.replies == [{"message": "Job cancelled", "job_id": job_id}]
-                row = (await http.get(f"/api/jobs/{job_id}")).json()
-                assert row["status"] == "running", row  # not cancelled before it has stopped
-                await engine.start(live_restore=True)
-                await follower.until(lambda: follower.ended(job_id))
-            row = await check_stream(http, job_id, follower.seen[job_id])
-            assert (row["status"], row["error"]) == ("cancelled", None), row
-            node = follower.seen[job_id][-2]  # the worker cancelled its node: it got SIGTERM
-            assert (node["type"], node["node_id"], node["status"]) == (
-                "node_update",
-                "s",
-                "cancelled",
-            )
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, tmp_path / "home") as (_server, ws, http, follower):
+        with trio.fail_after(DEADLINE_S):
+            job_id = await follower.run_job(sleeper())
+            await follower.until(lambda: follower.node_running(job_id))
+            await engine.stop()
+            await ws.command("cancel_job", job_id=job_id)
+            await follower.until(lambda: bool(follower.replies))
+            assert follower.replies == [{"message": "Job cancelled", "job_id": job_id}]
+            row = (await http.get(f"/api/jobs/{job_id}")).json()
+            assert row["status"] == "running", row  # not cancelled before it has stopped
+            await engine.start(live_restore=True)
+            await follower.until(lambda: follower.ended(job_id))
+        row = await check_stream(http, job_id, follower.seen[job_id])
+        assert (row["status"], row["error"]) == ("cancelled", None), row
+        node = follower.seen[job_id][-2]  # the worker cancelled its node: it got SIGTERM
+        assert (node["type"], node["node_id"], node["status"]) == (
+            "node_update",
+            "s",
+            "cancelled",
+        )
+        await a_new_job_runs_and_nothing_is_left(engine, http)
 
 
 async def test_an_engine_that_stays_away_fails_its_jobs_and_the_sweep_removes_them_later(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     await engine.ensure(live_restore=True)
-    env = server_env(engine, NODEJOB_DOCKER_RECONNECT_S="5")
-    server = await start_server_process(tmp_path / "home", env=env)
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            follower = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                cancelled = await follower.run_job(sleeper())
-                left = await follower.run_job(sleeper())
-                await follower.until(
-                    lambda: follower.node_running(cancelled) and follower.node_running(left)
-                )
-                await engine.stop()
-                await ws.command("cancel_job", job_id=cancelled)
-                await follower.until(lambda: follower.ended(cancelled) and follower.ended(left))
-            rows = {
-                job_id: await check_stream(http, job_id, follower.seen[job_id])
-                for job_id in (cancelled, left)
-            }
-            assert rows[left]["status"] == "failed"
-            assert rows[left]["error"].startswith(LOST), rows[left]
-            assert rows[left]["error"].endswith("(not back within 5 s)"), rows[left]
-            assert rows[cancelled]["status"] == "failed"
-            assert rows[cancelled]["error"].startswith(
-                f"cancelled, but the container could not be verified stopped: {LOST}"
-            ), rows[cancelled]
-            # Live-restored, both containers run on; their jobs have ended: the sweep's.
-            await engine.start(live_restore=True)
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, tmp_path / "home", NODEJOB_DOCKER_RECONNECT_S="5") as served:
+        _, ws, http, follower = served
+        with trio.fail_after(DEADLINE_S):
+            cancelled = await follower.run_job(sleeper())
+            left = await follower.run_job(sleeper())
+            await follower.until(
+                lambda: follower.node_running(cancelled) and follower.node_running(left)
+            )
+            await engine.stop()
+            await ws.command("cancel_job", job_id=cancelled)
+            await follower.until(lambda: follower.ended(cancelled) and follower.ended(left))
+        rows = {
+            job_id: await check_stream(http, job_id, follower.seen[job_id])
+            for job_id in (cancelled, left)
+        }
+        assert rows[left]["status"] == "failed"
+        assert rows[left]["error"].startswith(LOST), rows[left]
+        assert rows[left]["error"].endswith("(not back within 5 s)"), rows[left]
+        assert rows[cancelled]["status"] == "failed"
+        assert rows[cancelled]["error"].startswith(
+            f"cancelled, but the container could not be verified stopped: {LOST}"
+        ), rows[cancelled]
+        # Live-restored, both containers run on; their jobs have ended: the sweep's.
+        await engine.start(live_restore=True)
+        await a_new_job_runs_and_nothing_is_left(engine, http)
 
 
 async def test_a_server_restarted_while_the_engine_is_away_readopts_once_it_is_back(
@@ -545,58 +533,45 @@ async def test_a_server_restarted_while_the_engine_is_away_readopts_once_it_is_b
     job's spool brings them. The job completes with every line."""
     await engine.ensure(live_restore=True)
     home = tmp_path / "home"
-    server = await start_server_process(home, env=server_env(engine))
-    try:
-        async with await RawWebSocket.open(server.url, server.token) as ws:
-            first = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                job_id = await first.run_job(emitter(LINES, size=80, interval=0.2))
-                await first.until(lambda: first.count(job_id, "log_update") >= 5)
-            await stopped(server)  # the container runs on, for the next server
-    finally:
-        await stopped(server)
+    async with serving(engine, home) as (server, _, _, first):
+        with trio.fail_after(DEADLINE_S):
+            job_id = await first.run_job(emitter(LINES, size=80, interval=0.2))
+            await first.until(lambda: first.count(job_id, "log_update") >= 5)
+        await stopped(server)  # the container runs on, for the next server
     await engine.stop()
     spool = home / "jobs" / job_id / "stream.jsonl"
     assert not has_terminal_line(spool), "the job ended before the engine stopped"
-    server = await start_server_process(home, env=server_env(engine))
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            again = Follower(ws)
-            await ws.command("reconnect_job", job_id=job_id, after_seq=0)
-            with trio.fail_after(DEADLINE_S):
-                await again.until(lambda: again.count(job_id, "log_update") >= 5)
-                row = (await http.get(f"/api/jobs/{job_id}")).json()
-                assert row["status"] == "running", row  # re-adopted, waiting for the engine
-                # The worker writes the rest and exits, all while the engine is down.
-                await poll_until(engine.runs_no_container, seconds=DEADLINE_S, interval=0.1)
-                assert has_terminal_line(spool)
-                await engine.start(live_restore=True)
-                await again.until(lambda: again.ended(job_id))
-            row = await check_stream(http, job_id, again.seen[job_id])
-            await check_stream(http, job_id, first.seen[job_id])
-            assert (row["status"], row["error"]) == ("completed", None), row
-            assert row["result"] == {"outputs": {"n": LINES}}
-            # The engine lost the container's last lines; every log_update came through all
-            # the same, those past the end of the container's log from the spool.
-            topped = re.search(
-                rf"job {job_id}: the log of container \w+ ended at seq (\d+) without the "
-                r"worker's last line; its spool brought seqs up to (\d+) and the worker's "
-                "terminal line",
-                server.stderr(),
-            )
-            assert topped, server.stderr()[-3000:]
-            log_end, spool_end = int(topped.group(1)), int(topped.group(2))
-            assert log_end < spool_end == row["last_seq"] - 1
-            lines = [m for m in again.seen[job_id] if m["type"] == "log_update"]
-            assert len(lines) == again.count(job_id, "log_update") == LINES
-            assert sum(m["seq"] > log_end for m in lines) > 0
-            assert not spool.parent.exists()  # nothing left of the job on the host
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, home) as (server, ws, http, again):
+        await ws.command("reconnect_job", job_id=job_id, after_seq=0)
+        with trio.fail_after(DEADLINE_S):
+            await again.until(lambda: again.count(job_id, "log_update") >= 5)
+            row = (await http.get(f"/api/jobs/{job_id}")).json()
+            assert row["status"] == "running", row  # re-adopted, waiting for the engine
+            # The worker writes the rest and exits, all while the engine is down.
+            await poll_until(engine.runs_no_container, seconds=DEADLINE_S, interval=0.1)
+            assert has_terminal_line(spool)
+            await engine.start(live_restore=True)
+            await again.until(lambda: again.ended(job_id))
+        row = await check_stream(http, job_id, again.seen[job_id])
+        await check_stream(http, job_id, first.seen[job_id])
+        assert (row["status"], row["error"]) == ("completed", None), row
+        assert row["result"] == {"outputs": {"n": LINES}}
+        # The engine lost the container's last lines; every log_update came through all
+        # the same, those past the end of the container's log from the spool.
+        topped = re.search(
+            rf"job {job_id}: the log of container \w+ ended at seq (\d+) without the "
+            r"worker's last line; its spool brought seqs up to (\d+) and the worker's "
+            "terminal line",
+            server.stderr(),
+        )
+        assert topped, server.stderr()[-3000:]
+        log_end, spool_end = int(topped.group(1)), int(topped.group(2))
+        assert log_end < spool_end == row["last_seq"] - 1
+        lines = [m for m in again.seen[job_id] if m["type"] == "log_update"]
+        assert len(lines) == again.count(job_id, "log_update") == LINES
+        assert sum(m["seq"] > log_end for m in lines) > 0
+        assert not spool.parent.exists()  # nothing left of the job on the host
+        await a_new_job_runs_and_nothing_is_left(engine, http)
     figures("spool top-up", log_ended_at=log_end, spool_brought_up_to=spool_end)
 
 
@@ -612,38 +587,25 @@ async def test_a_container_removed_while_the_server_was_down_ends_as_its_spool_s
     line rather than failing with "container ... is gone"."""
     await engine.ensure(live_restore=True)
     home = tmp_path / "home"
-    server = await start_server_process(home, env=server_env(engine))
-    try:
-        async with await RawWebSocket.open(server.url, server.token) as ws:
-            first = Follower(ws)
-            with trio.fail_after(DEADLINE_S):
-                job_id = await first.run_job(emitter(20, size=80, interval=0.1))
-                await first.until(lambda: first.count(job_id, "log_update") >= 2)
-            await stopped(server)  # the container runs on
-    finally:
-        await stopped(server)
+    async with serving(engine, home) as (server, _, _, first):
+        with trio.fail_after(DEADLINE_S):
+            job_id = await first.run_job(emitter(20, size=80, interval=0.1))
+            await first.until(lambda: first.count(job_id, "log_update") >= 2)
+        await stopped(server)  # the container runs on
     name = f"nodejob-{job_id}"
     container = await trio.to_thread.run_sync(engine.client.containers.get, name)
     await trio.to_thread.run_sync(functools.partial(container.wait, timeout=DEADLINE_S))
     await trio.to_thread.run_sync(container.remove)
-    server = await start_server_process(home, env=server_env(engine))
-    try:
-        async with (
-            await RawWebSocket.open(server.url, server.token) as ws,
-            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as http,
-        ):
-            again = Follower(ws)
-            await ws.command("reconnect_job", job_id=job_id, after_seq=0)
-            with trio.fail_after(DEADLINE_S):
-                await again.until(lambda: again.ended(job_id))
-            row = await check_stream(http, job_id, again.seen[job_id])
-            await check_stream(http, job_id, first.seen[job_id])
-            assert (row["status"], row["error"]) == ("completed", None), row
-            assert again.count(job_id, "log_update") == 20
-            assert not (home / "jobs" / job_id).exists()
-            await a_new_job_runs_and_nothing_is_left(engine, http)
-    finally:
-        await stopped(server)
+    async with serving(engine, home) as (server, ws, http, again):
+        await ws.command("reconnect_job", job_id=job_id, after_seq=0)
+        with trio.fail_after(DEADLINE_S):
+            await again.until(lambda: again.ended(job_id))
+        row = await check_stream(http, job_id, again.seen[job_id])
+        await check_stream(http, job_id, first.seen[job_id])
+        assert (row["status"], row["error"]) == ("completed", None), row
+        assert again.count(job_id, "log_update") == 20
+        assert not (home / "jobs" / job_id).exists()
+        await a_new_job_runs_and_nothing_is_left(engine, http)
 
 
 def has_terminal_line(spool: Path) -> bool:
