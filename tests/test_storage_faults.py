@@ -33,6 +33,7 @@ from tests.hardening import (
     RawWebSocket,
     emitter,
     follow_job,
+    metric,
     poll_until,
     start_server_process,
 )
@@ -52,13 +53,6 @@ connection.execute("ROLLBACK")
 connection.close()
 print("released", flush=True)
 """
-
-
-async def metric(http: httpx.AsyncClient, name: str) -> float:
-    text = (await http.get("/metrics")).text
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 async def wait_for_metric(http: httpx.AsyncClient, name: str, value: float) -> None:
